@@ -1,0 +1,84 @@
+"""``lens-convert``: move Lens denoiser weights between diffusers folders and orbax checkpoints.
+
+  lens-convert to-orbax     --src CKPT/transformer --out OUT   # diffusers folder -> orbax
+  lens-convert to-diffusers --src OUT --out CKPT2/transformer  # orbax (or diffusers) -> diffusers
+  lens-convert inspect      --src DIR                          # config, tensor count, parameters
+
+Conversions stream block by block (about one block in memory), write to a temporary folder and
+rename it at the end. Only safetensors are read: pickled ``.bin``/``.pt``/``.ckpt`` are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from pathlib import Path
+
+from lens_jax.convert.safetensors_io import CheckpointError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"--max-shard-size {text!r}: expected e.g. 2GB, 500MB")
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("to-orbax", "diffusers folder (or orbax) -> lens_jax orbax checkpoint"),
+                            ("to-diffusers", "orbax checkpoint (or diffusers) -> diffusers folder")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--src", required=True,
+                       help="source: a diffusers transformer/ folder (config.json + safetensors) "
+                            "or an orbax checkpoint written by lens-convert")
+        p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+        p.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="cast every tensor to this dtype (default: keep the source's)")
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        if name == "to-diffusers":
+            p.add_argument("--max-shard-size", type=_size, default=2 << 30,
+                           help="largest safetensors shard, e.g. 2GB (default), 500MB")
+    p = sub.add_parser("inspect", help="print a checkpoint's config and size without loading it",
+                       description="print a checkpoint's config and size without loading it")
+    p.add_argument("--src", required=True, help="a diffusers folder or an orbax checkpoint")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    from lens_jax.convert import transformer as tconv
+    from lens_jax.models import config as config_lib
+    try:
+        if args.command == "inspect":
+            cfg = tconv.read_config(args.src)
+            shapes = [m.torch_shape for m in tconv.transformer_mappings(cfg)]
+            print(f"{args.src}: {'orbax' if tconv.is_orbax(Path(args.src)) else 'diffusers'}")
+            for k, v in config_lib.to_diffusers_config(cfg).items():
+                print(f"  {k}: {v}")
+            print(f"  tensors: {len(shapes)}")
+            print(f"  parameters: {sum(int(np.prod(s)) for s in shapes):,}")
+            return 0
+        to = "orbax" if args.command == "to-orbax" else "diffusers"
+        out = tconv.convert(args.src, args.out, to=to, dtype=args.dtype,
+                            max_shard_bytes=getattr(args, "max_shard_size", 2 << 30),
+                            overwrite=args.overwrite)
+        print(f"wrote {out}")
+        return 0
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        print(f"lens-convert: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""From a folder of images with captions to lens records (used by ``lens-data build`` and TFDS).
+
+Captions come from a JSONL or CSV file (``path, caption[, short_caption]``; paths relative to the
+image folder or absolute) or, without such a file, from text files next to each image:
+``photo.jpg`` + ``photo.txt`` (or ``photo.jpg.txt``), and optionally ``photo.short.txt``.
+Images are stored byte for byte (no re-encode); PIL decodes each one fully to reject corrupt
+files and to read its width and height.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lens_jax.data.records import Example, RecordError, image_format
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Other image files found in the folder are reported as skipped (unsupported format).
+OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl")
+SUPPORTED_FORMATS = ("jpeg", "png", "webp")
+
+# Skip reasons (keys of the build report).
+MISSING_IMAGE = "image file missing"
+UNREADABLE = "unreadable or corrupt image"
+UNSUPPORTED = "unsupported image format"
+MISSING_CAPTION = "missing caption"
+EMPTY_CAPTION = "empty caption"
+DUPLICATE = "duplicate entry"
+
+_PATH_KEYS = ("path", "image", "file_name", "filename", "file")
+_CAPTION_KEYS = ("caption", "text", "dense_caption")
+_SHORT_KEYS = ("short_caption", "short")
+
+
+@dataclasses.dataclass
+class Item:
+    """One image to convert: where it is, its id, and its captions (``None``: not found)."""
+
+    path: str
+    id: str
+    caption: str | None
+    short_caption: str = ""
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Skip:
+    id: str
+    reason: str
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class BuildReport:
+    """What a build wrote and skipped (``skipped`` maps a reason to the skipped ids/details)."""
+
+    written: int = 0
+    skipped: dict[str, list[Skip]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(list))
+
+    def add_skip(self, skip: Skip) -> None:
+        self.skipped[skip.reason].append(skip)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {"written": self.written,
+                "skipped": {reason: len(v) for reason, v in sorted(self.skipped.items())}}
+
+    def format(self, max_listed: int = 5) -> str:
+        lines = [f"written: {self.written}", f"skipped: {self.num_skipped}"]
+        for reason, skips in sorted(self.skipped.items()):
+            lines.append(f"  {reason}: {len(skips)}")
+            for skip in skips[:max_listed]:
+                lines.append(f"    {skip.id}" + (f" ({skip.detail})" if skip.detail else ""))
+            if len(skips) > max_listed:
+                lines.append(f"    ... and {len(skips) - max_listed} more")
+        return "\n".join(lines)
+
+
+def _read_text(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _scan_images(images_dir: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(images_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and name.lower().endswith(suffixes):
+                found.append(Path(root) / name)
+    return found
+
+
+def _rel_id(path: Path, images_dir: Path) -> str:
+    try:
+        return path.resolve().relative_to(images_dir.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _pick(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if key in row and row[key] is not None:
+            return row[key]
+    return None
+
+
+def _read_caption_rows(captions_file: Path) -> list[dict[str, Any]]:
+    if not captions_file.is_file():
+        raise RecordError(f"{captions_file}: captions file not found")
+    rows: list[dict[str, Any]] = []
+    if captions_file.suffix.lower() in (".jsonl", ".json"):
+        with open(captions_file, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{captions_file}:{line_no}: not valid JSON ({e})") from e
+                if not isinstance(row, dict):
+                    raise RecordError(f"{captions_file}:{line_no}: expected a JSON object")
+                row["_line"] = line_no
+                rows.append(row)
+    elif captions_file.suffix.lower() in (".csv", ".tsv"):
+        delimiter = "\t" if captions_file.suffix.lower() == ".tsv" else ","
+        with open(captions_file, encoding="utf-8", newline="") as f:
+            table = list(csv.reader(f, delimiter=delimiter))
+        if not table:
+            return rows
+        header = [h.strip().lower() for h in table[0]]
+        has_header = (any(h in _PATH_KEYS for h in header)
+                      and any(h in _CAPTION_KEYS for h in header))
+        if not has_header:
+            header = ["path", "caption", "short_caption"][:max(len(r) for r in table)]
+        for line_no, cells in enumerate(table[1:] if has_header else table, 2 if has_header else 1):
+            if not any(c.strip() for c in cells):
+                continue
+            row: dict[str, Any] = dict(zip(header, cells))
+            row["_line"] = line_no
+            rows.append(row)
+    else:
+        raise RecordError(f"{captions_file}: captions file must be .jsonl, .json (JSON lines), "
+                          ".csv or .tsv")
+    for row in rows:
+        if _pick(row, _PATH_KEYS) is None:
+            raise RecordError(f"{captions_file}:{row['_line']}: no image path column "
+                              f"(one of {_PATH_KEYS})")
+    return rows
+
+
+def collect_items(images_dir: str | os.PathLike, captions_file: str | os.PathLike | None = None,
+                  ) -> tuple[list[Item], list[Skip]]:
+    """The images to convert and the entries skipped before reading any image.
+
+    With ``captions_file`` every row names an image; images of the folder without a row are
+    skipped as ``missing caption``. Without it, every image of the folder (recursively) is an item
+    whose captions come from ``.txt`` files beside it.
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise RecordError(f"{images_dir}: image folder not found")
+    items: list[Item] = []
+    skips: list[Skip] = []
+    if captions_file is not None:
+        seen: set[str] = set()
+        for row in _read_caption_rows(Path(captions_file)):
+            raw_path = str(_pick(row, _PATH_KEYS))
+            path = Path(raw_path) if os.path.isabs(raw_path) else images_dir / raw_path
+            item_id = _rel_id(path, images_dir)
+            if item_id in seen:
+                skips.append(Skip(item_id, DUPLICATE, f"line {row['_line']}"))
+                continue
+            seen.add(item_id)
+            if not path.is_file():
+                skips.append(Skip(item_id, MISSING_IMAGE, f"line {row['_line']}"))
+                continue
+            caption = _pick(row, _CAPTION_KEYS)
+            short = _pick(row, _SHORT_KEYS)
+            metadata = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+            items.append(Item(str(path), item_id, None if caption is None else str(caption).strip(),
+                              "" if short is None else str(short).strip(), metadata))
+        for path in _scan_images(images_dir):
+            item_id = _rel_id(path, images_dir)
+            if item_id not in seen:
+                skips.append(Skip(item_id, MISSING_CAPTION, "not in the captions file"))
+    else:
+        for path in _scan_images(images_dir):
+            caption = _read_text(path.with_suffix(".txt"))
+            if caption is None:
+                caption = _read_text(path.with_name(path.name + ".txt"))
+            short = _read_text(path.with_suffix(".short.txt")) or ""
+            items.append(Item(str(path), _rel_id(path, images_dir), caption, short))
+    for path in _scan_images(images_dir, OTHER_IMAGE_SUFFIXES):
+        skips.append(Skip(_rel_id(path, images_dir), UNSUPPORTED,
+                          f"{path.suffix}; supported: {', '.join(IMAGE_SUFFIXES)}"))
+    return items, skips
+
+
+def load_item(item: Item, source: str = "") -> Example | Skip:
+    """Reads one item into an ``Example`` (original bytes), or says why it is skipped."""
+    from PIL import Image
+
+    if item.caption is None:
+        return Skip(item.id, MISSING_CAPTION, "no caption text found for this image")
+    if not item.caption.strip():
+        return Skip(item.id, EMPTY_CAPTION)
+    try:
+        data = Path(item.path).read_bytes()
+    except OSError as e:
+        return Skip(item.id, MISSING_IMAGE, str(e))
+    fmt = image_format(data)
+    if fmt not in SUPPORTED_FORMATS:
+        if fmt == "unknown":
+            return Skip(item.id, UNREADABLE, "not an image file (unknown magic bytes)")
+        return Skip(item.id, UNSUPPORTED, f"{fmt}; supported: {', '.join(SUPPORTED_FORMATS)}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+            img.load()  # full decode: catches truncated / corrupt data
+    except Exception as e:  # PIL raises many exception types on bad data
+        return Skip(item.id, UNREADABLE, f"{type(e).__name__}: {e}")
+    metadata = {"format": fmt, **item.metadata}
+    if orientation not in (1, None):
+        metadata["exif_orientation"] = int(orientation)
+    return Example(image_bytes=data, caption=item.caption, short_caption=item.short_caption,
+                   width=int(width), height=int(height), id=item.id, source=source,
+                   metadata=json.dumps(metadata, sort_keys=True))
+
+
+def _load_item_star(args: tuple[Item, str]) -> Example | Skip:
+    return load_item(*args)
+
+
+def load_items(items: list[Item], source: str = "", workers: int = 1,
+               progress: Callable[[Iterable], Iterable] | None = None) -> Iterator[Example | Skip]:
+    """``load_item`` over ``items`` in order, in ``workers`` processes (1: in this process)."""
+    wrap = progress or (lambda it: it)
+    if workers <= 1 or len(items) < 2:
+        yield from wrap(load_item(item, source) for item in items)
+        return
+    # spawn: forking a process that has JAX (threads) loaded can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        chunksize = max(1, min(64, len(items) // (4 * workers)))
+        yield from wrap(pool.map(_load_item_star, [(item, source) for item in items],
+                                 chunksize=chunksize))
+
+
+def examples_with_report(results: Iterable[Example | Skip], report: BuildReport
+                         ) -> Iterator[Example]:
+    """Yields the examples of ``results`` and records skips and the count in ``report``."""
+    for result in results:
+        if isinstance(result, Skip):
+            report.add_skip(result)
+        else:
+            report.written += 1
+            yield result
+
+
+def build_records(images_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  captions_file: str | os.PathLike | None = None, num_shards: int = 1,
+                  workers: int = 1, source: str = "", overwrite: bool = False,
+                  show_progress: bool = False) -> BuildReport:
+    """Converts an image folder with captions to sharded lens records; returns the report.
+
+    Nothing is written when no image is usable (``RecordError``).
+    """
+    from lens_jax.data.records import write_shards
+
+    items, early_skips = collect_items(images_dir, captions_file)
+    report = BuildReport()
+    for skip in early_skips:
+        report.add_skip(skip)
+    if not items:
+        raise RecordError(f"{images_dir}: no image to convert\n{report.format()}")
+    progress = None
+    if show_progress:
+        from tqdm import tqdm
+
+        def progress(it):
+            return tqdm(it, total=len(items), desc="build", unit="img")
+
+    results = load_items(items, source=source, workers=workers, progress=progress)
+    examples = examples_with_report(results, report)
+
+    class _NoExamples(Exception):
+        pass
+
+    def checked() -> Iterator[Example]:
+        yield from examples
+        if report.written == 0:
+            raise _NoExamples
+
+    try:
+        write_shards(checked(), out_dir, num_shards, overwrite=overwrite,
+                     extra_manifest=lambda: {"source": source, "build": report.summary()})
+    except _NoExamples:
+        raise RecordError(f"{images_dir}: every image was skipped, nothing written\n"
+                          f"{report.format()}") from None
+    return report

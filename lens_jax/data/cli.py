@@ -1,0 +1,318 @@
+"""``lens-data``: dataset tools for lens records.
+
+Subcommands:
+  build         image folder + captions -> sharded lens records
+  inspect       counts, caption-length and resolution statistics, a few examples
+  synth-shapes  synthetic coloured-shapes dataset with ground-truth layouts
+  tfds-prepare  prepare the ``lens_records`` TFDS dataset (ArrayRecord, no TensorFlow needed)
+
+Each subcommand is one ``add_*`` function registered in ``SUBCOMMANDS``; a new one only has to
+append its own ``add_*(subparsers)`` that sets ``func`` on its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+
+from lens_jax.data.records import RecordError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+def add_build(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build", help="convert a folder of images with captions to sharded lens records",
+        description=textwrap.dedent("""\
+            Convert a folder of images (.jpg/.jpeg/.png/.webp, searched recursively) with captions
+            into sharded lens records (ArrayRecord). Image bytes are stored unchanged; PIL decodes
+            every image once to reject corrupt files and to read width and height. Captions come
+            from --captions (JSONL with keys path, caption[, short_caption][, metadata], or CSV/TSV
+            with columns path, caption[, short_caption], header optional) or, without it, from
+            text files beside each image: IMG.txt (or IMG.jpg.txt) and optionally IMG.short.txt.
+            Prints a report of what was written and what was skipped and why."""),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--captions", default=None,
+                   help="JSONL/CSV/TSV file of path, caption[, short_caption]; paths relative to "
+                        "--images or absolute (default: IMG.txt / IMG.short.txt beside each image)")
+    p.add_argument("--out", required=True, help="output folder for the shards (must not exist "
+                                                "unless --overwrite)")
+    p.add_argument("--num-shards", type=_positive_int, default=1,
+                   help="number of ArrayRecord shards, examples go round-robin (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=_default_workers(),
+                   help="processes reading and checking images (default: CPU count, at most 8)")
+    p.add_argument("--source", default="",
+                   help="source tag stored in every record (default: the image folder's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_build)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from lens_jax.data.build import build_records
+
+    source = args.source or os.path.basename(os.path.normpath(args.images))
+    report = build_records(args.images, args.out, captions_file=args.captions,
+                           num_shards=args.num_shards, workers=args.workers, source=source,
+                           overwrite=args.overwrite, show_progress=not args.no_progress)
+    print(f"wrote {args.out} ({args.num_shards} shard(s), source {source!r})")
+    print(report.format())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+# Aspect-ratio bins: the nine bucket ratios (width / height) of spec section 2.8.
+_ASPECT_BINS = (("1:2", 1 / 2), ("9:16", 9 / 16), ("2:3", 2 / 3), ("3:4", 3 / 4), ("1:1", 1.0),
+                ("4:3", 4 / 3), ("3:2", 3 / 2), ("16:9", 16 / 9), ("2:1", 2.0))
+
+
+def aspect_bin(width: int, height: int) -> str:
+    """The nearest bucket ratio name (in log space), or ``<1:2`` / ``>2:1`` outside the range."""
+    import math
+
+    if height <= 0 or width <= 0:
+        return "unknown"
+    ratio = width / height
+    if ratio < 0.5 * 0.95:
+        return "<1:2"
+    if ratio > 2.0 / 0.95:
+        return ">2:1"
+    return min(_ASPECT_BINS, key=lambda b: abs(math.log(ratio / b[1])))[0]
+
+
+def _histogram(counter: collections.Counter, order: Sequence[str] | None = None, top: int = 12,
+               width: int = 40) -> list[str]:
+    if not counter:
+        return ["  (none)"]
+    keys = [k for k in order if k in counter] if order else [k for k, _ in counter.most_common(top)]
+    rest = sum(counter.values()) - sum(counter[k] for k in keys)
+    peak = max(counter[k] for k in keys)
+    label_width = max(len(str(k)) for k in keys)
+    lines = [f"  {str(k):>{label_width}}  {counter[k]:>7}  "
+             f"{'#' * max(1, round(width * counter[k] / peak))}" for k in keys]
+    if rest:
+        lines.append(f"  {'other':>{label_width}}  {rest:>7}")
+    return lines
+
+
+def _length_stats(lengths: list[int]) -> str:
+    if not lengths:
+        return "(none)"
+    return (f"min {min(lengths)}, mean {statistics.fmean(lengths):.1f}, "
+            f"median {statistics.median(lengths):g}, max {max(lengths)}")
+
+
+def inspect_records(path: str, num_examples: int = 3, limit: int | None = None) -> str:
+    """The ``lens-data inspect`` report of a record path, as text."""
+    from lens_jax.data.records import decode_example, image_format, list_shards, open_source
+
+    shards = list_shards(path)
+    source = open_source(shards)
+    total = len(source)
+    n = total if limit is None else min(limit, total)
+    dense_words: list[int] = []
+    short_words: list[int] = []
+    sizes: collections.Counter = collections.Counter()
+    aspects: collections.Counter = collections.Counter()
+    formats: collections.Counter = collections.Counter()
+    sources: collections.Counter = collections.Counter()
+    no_short = 0
+    shown = []
+    bad: list[str] = []
+    for i in range(n):
+        try:
+            ex = decode_example(source[i])
+        except RecordError as e:
+            bad.append(f"record {i}: {e}")
+            continue
+        dense_words.append(len(ex.caption.split()))
+        if ex.short_caption:
+            short_words.append(len(ex.short_caption.split()))
+        else:
+            no_short += 1
+        sizes[f"{ex.width}x{ex.height}"] += 1
+        aspects[aspect_bin(ex.width, ex.height)] += 1
+        formats[image_format(ex.image_bytes)] += 1
+        sources[ex.source or "(none)"] += 1
+        if len(shown) < num_examples:
+            shown.append(ex)
+    lines = [f"records: {total} in {len(shards)} shard(s)" +
+             (f" (statistics over the first {n})" if n < total else "")]
+    if len(shards) <= 16:
+        per_shard = [len(open_source([s])) for s in shards]
+        lines += [f"  {os.path.basename(s)}: {c}" for s, c in zip(shards, per_shard)]
+    if bad:
+        lines.append(f"malformed records: {len(bad)}")
+        lines += [f"  {b}" for b in bad[:5]]
+    lines.append("sources:")
+    lines += _histogram(sources)
+    lines.append("image formats:")
+    lines += _histogram(formats)
+    lines.append(f"dense caption words: {_length_stats(dense_words)}")
+    lines.append(f"short caption words: {_length_stats(short_words)}"
+                 + (f" ({no_short} without a short caption)" if no_short else ""))
+    lines.append("resolutions (width x height, most common):")
+    lines += _histogram(sizes)
+    lines.append("aspect ratios (width:height, nearest bucket ratio):")
+    lines += _histogram(aspects, order=["<1:2"] + [b[0] for b in _ASPECT_BINS] + [">2:1"])
+    for k, ex in enumerate(shown):
+        lines.append(f"example {k}: id {ex.id!r}, source {ex.source!r}, {ex.width}x{ex.height} "
+                     f"{image_format(ex.image_bytes)}, {len(ex.image_bytes)} bytes")
+        lines.append(f"  short: {ex.short_caption!r}")
+        lines += textwrap.wrap(ex.caption, width=96, initial_indent="  caption: ",
+                               subsequent_indent="           ")
+        metadata = ex.metadata if len(ex.metadata) <= 200 else ex.metadata[:200] + "..."
+        lines.append(f"  metadata: {metadata}")
+    return "\n".join(lines)
+
+
+def add_inspect(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="statistics and a few examples of lens records",
+        description="Print record counts (per shard and per source), image formats, caption "
+                    "lengths in words (min/mean/median/max), resolution and aspect-ratio "
+                    "histograms, and a few decoded examples.")
+    p.add_argument("path", help="folder of shards, a glob, a shard file, a comma-separated list, "
+                                "or tfds:NAME[:SPLIT][@DATA_DIR]")
+    p.add_argument("--examples", type=int, default=3, help="how many examples to show (default 3)")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="compute statistics over the first N records only (default: all)")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    print(inspect_records(args.path, num_examples=args.examples, limit=args.limit))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# synth-shapes
+
+
+def add_synth_shapes(subparsers) -> None:
+    p = subparsers.add_parser(
+        "synth-shapes", help="write a synthetic coloured-shapes dataset with ground-truth layouts",
+        description="Write N synthetic images of 1-4 coloured geometric shapes on plain or "
+                    "gradient backgrounds, at the 27 training-bucket sizes (spec 2.8) scaled by "
+                    "--base-size/512, as lens records: PNG image, dense caption (60-120 words), "
+                    "short caption, and the ground-truth layout in the metadata JSON. The same "
+                    "--seed gives identical records.")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--num", type=_positive_int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--base-size", type=_positive_int, default=512,
+                   help="scale the buckets by BASE_SIZE/512, sides rounded to multiples of 16 "
+                        "(default 512: the real bucket sizes; e.g. 64 or 128 for tiny images)")
+    p.add_argument("--groups", default="512,768,1024",
+                   help="comma-separated bucket groups (base areas) to draw sizes from "
+                        "(default 512,768,1024: all 27 buckets)")
+    p.add_argument("--num-shards", type=_positive_int, default=1,
+                   help="number of shards (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="generator processes (default 1; the output does not depend on it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_synth_shapes)
+
+
+def run_synth_shapes(args: argparse.Namespace) -> int:
+    from lens_jax.data.synth_shapes import write_dataset
+
+    try:
+        groups = tuple(int(g) for g in args.groups.split(",") if g.strip())
+    except ValueError:
+        raise RecordError(f"--groups: expected comma-separated integers, got {args.groups!r}")
+    shards = write_dataset(args.out, args.num, seed=args.seed, base_size=args.base_size,
+                           groups=groups, num_shards=args.num_shards, workers=args.workers,
+                           overwrite=args.overwrite, show_progress=not args.no_progress)
+    print(f"wrote {args.num} synthetic examples to {args.out} ({len(shards)} shard(s))")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# tfds-prepare
+
+
+def add_tfds_prepare(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tfds-prepare", help="prepare the lens_records TFDS dataset (no TensorFlow needed)",
+        description="Prepare a TFDS dataset (builder lens_records, ArrayRecord files) in "
+                    "--data-dir from lens records (--records) or from an image folder with "
+                    "captions (--images [--captions]). Read it back with "
+                    "tfds.data_source('lens_records/CONFIG', data_dir=DATA_DIR) or "
+                    "lens_jax.data.tfds_builder.tfds_source, or train on "
+                    "tfds:lens_records/CONFIG:train@DATA_DIR.")
+    p.add_argument("--data-dir", required=True, help="TFDS data_dir to prepare into")
+    p.add_argument("--config", required=True,
+                   help="builder config name (the dataset is lens_records/CONFIG)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--records", help="existing lens records (folder, glob, file or list)")
+    src.add_argument("--images", help="image folder, as for `lens-data build`")
+    p.add_argument("--captions", default=None, help="captions file for --images")
+    p.add_argument("--source", default="", help="source tag for --images (default: folder name)")
+    p.add_argument("--validation-fraction", type=float, default=0.0,
+                   help="fraction of examples (chosen by a hash of the id) put in a "
+                        "'validation' split (default 0: only 'train')")
+    p.set_defaults(func=run_tfds_prepare)
+
+
+def run_tfds_prepare(args: argparse.Namespace) -> int:
+    from lens_jax.data.tfds_builder import prepare
+
+    builder = prepare(args.data_dir, args.config, records=args.records, images=args.images,
+                      captions=args.captions, source=args.source,
+                      validation_fraction=args.validation_fraction)
+    for split, info in builder.info.splits.items():
+        print(f"{split}: {info.num_examples} examples")
+    print(f"prepared {builder.data_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable] = [add_build, add_inspect, add_synth_shapes, add_tfds_prepare]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-data", description="Dataset tools for lens records (ArrayRecord shards of "
+                                      "serialized examples; see docs/data.md).")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``lens-data``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (RecordError, FileExistsError, ValueError) as e:
+        print(f"lens-data {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Attention with segment ids, dispatched by config: XLA (any backend), cuDNN flash (GPU), splash (TPU).
+
+Queries attend to keys of their own segment only; segment 0 is padding, which no query attends to
+(padding queries get finite garbage that callers mask). All paths take ``q, k, v [B, N, H, D]`` and
+``segment_ids [B, N]`` and return ``[B, N, H, D]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+_MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax instead of NaN
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """``[B, N]`` -> ``[B, 1, N, N]`` bool: same segment and a non-padding key."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & (segment_ids[:, None, :] != 0))[:, None]
+
+
+def xla_attention(q, k, v, segment_ids):
+    """Plain einsum attention; logits and softmax in float32."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(segment_mask(segment_ids), logits, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def cudnn_attention(q, k, v, segment_ids):
+    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16/fp16)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids),
+                                        implementation="cudnn")
+
+
+def splash_attention(q, k, v, segment_ids, block_size: int = 512):
+    """Pallas splash attention on TPU with segment ids; pads the sequence to the block size."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel, splash_attention_mask as mask_lib)
+
+    b, n, h, d = q.shape
+    block = min(block_size, max(128, -(-n // 128) * 128))
+    padded = -(-n // block) * block
+    pad = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(t, pad).transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, N', D]
+    seg = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])
+    mha = kernel.make_splash_mha(
+        mask=mask_lib.MultiHeadMask([mask_lib.FullMask((padded, padded))] * h),
+        head_shards=1, q_seq_shards=1,
+        block_sizes=kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                      block_q_dkv=block, block_kv_dkv=block,
+                                      block_kv_dkv_compute=block, block_q_dq=block,
+                                      block_kv_dq=block))
+    q = q * (d ** -0.5)
+    out = jax.vmap(lambda qi, ki, vi, si: mha(qi, ki, vi, segment_ids=kernel.SegmentIds(q=si, kv=si)))(
+        q, k, v, seg)
+    return out.transpose(0, 2, 1, 3)[:, :n]
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(choice: str, backend: str | None = None) -> str:
+    """Which implementation runs for config ``attention=choice`` on ``backend``; warns on fallback."""
+    backend = backend or jax.default_backend()
+    wanted = {"auto": {"tpu": "splash", "gpu": "cudnn"}.get(backend, "xla")}.get(choice, choice)
+    needs = {"splash": "tpu", "cudnn": "gpu"}
+    if wanted in needs and backend != needs[wanted]:
+        log.warning("attention=%r needs a %s backend but this is %r; falling back to XLA attention",
+                    wanted, needs[wanted].upper(), backend)
+        return "xla"
+    return wanted
+
+
+def attention(q, k, v, segment_ids, implementation: str = "auto", splash_block_size: int = 512):
+    """Segment-masked attention by the implementation ``resolve`` picks."""
+    impl = resolve(implementation)
+    if impl == "splash":
+        return splash_attention(q, k, v, segment_ids, splash_block_size)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids)
+    return xla_attention(q, k, v, segment_ids)

@@ -1,0 +1,60 @@
+"""MXFP4 (OCP microscaling FP4) dequantization of the GPT-OSS expert weights, as pure functions.
+
+A packed tensor is ``blocks [..., G, 16]`` uint8 plus ``scales [..., G]`` uint8. Each block of
+16 bytes holds 32 E2M1 codes of one group: the low nibble of byte j is element 2j, the high
+nibble element 2j+1. Each group is multiplied by ``2^(scale - 127)`` (an E8M0 exponent). The
+dequantized tensor is ``[..., G * 32]``; for GPT-OSS experts that is ``[experts, out, in]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# E2M1 code -> value (code 8 is -0).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+BLOCK_BYTES = 16
+GROUP_SIZE = 32
+
+
+def e8m0_to_float32(scales: jnp.ndarray) -> jnp.ndarray:
+    """uint8 E8M0 exponents -> float32 ``2^(s - 127)``, exactly (255 -> inf, like ``ldexp``)."""
+    s = scales.astype(jnp.uint32)
+    normal = jax.lax.bitcast_convert_type(s << 23, jnp.float32)  # exponent field = s
+    return jnp.where(s == 0, jnp.float32(2.0 ** -127), normal)
+
+
+def dequantize(blocks: jnp.ndarray, scales: jnp.ndarray, dtype=jnp.bfloat16) -> jnp.ndarray:
+    """``blocks [..., G, 16]`` uint8 + ``scales [..., G]`` uint8 -> ``[..., G*32]`` in ``dtype``.
+
+    Exact: every result is representable in bf16 (a 2-bit mantissa times a power of two).
+    """
+    if blocks.shape[-1] != BLOCK_BYTES or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not "
+                         f"match: expected blocks [..., G, {BLOCK_BYTES}] and scales [..., G]")
+    lut = jnp.asarray(FP4_VALUES, jnp.float32)
+    blocks = blocks.astype(jnp.uint8)
+    low = lut[(blocks & 0x0F).astype(jnp.int32)]
+    high = lut[(blocks >> 4).astype(jnp.int32)]
+    values = jnp.stack([low, high], axis=-1).reshape(blocks.shape[:-1] + (GROUP_SIZE,))  # [..., G, 32]
+    values = values * e8m0_to_float32(scales)[..., None]
+    return values.reshape(blocks.shape[:-2] + (blocks.shape[-2] * GROUP_SIZE,)).astype(dtype)
+
+
+def dequantize_numpy(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Host (numpy, float32) version of ``dequantize``, for tools and tests."""
+    lut = np.asarray(FP4_VALUES, np.float32)
+    values = np.stack([lut[blocks & 0x0F], lut[blocks >> 4]], axis=-1)
+    values = values.reshape(blocks.shape[:-1] + (GROUP_SIZE,))
+    values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
+    return values.reshape(blocks.shape[:-2] + (blocks.shape[-2] * GROUP_SIZE,))
+
+
+def packed_shapes(rows: int, cols: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    """Per-expert ``(blocks, scales)`` shapes of a ``[rows, cols]`` matrix (cols divisible by 32)."""
+    if cols % GROUP_SIZE:
+        raise ValueError(f"MXFP4 needs the input size ({cols}) to be a multiple of {GROUP_SIZE}")
+    groups = cols // GROUP_SIZE
+    return (rows, groups, BLOCK_BYTES), (rows, groups)

@@ -1,0 +1,49 @@
+"""lens_jax: a JAX/Flax (NNX) reimplementation of Microsoft Research's Lens text-to-image model."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lens_jax",
+    version="0.1.0",
+    description="Lens text-to-image (MMDiT, flow matching) in JAX/Flax NNX: models, converters, "
+                "data pipeline, sampler and trainer",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lens_jax", "lens_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "array-record",
+        "tensorflow-datasets",
+        "ml-collections",
+        "absl-py",
+        "safetensors",
+        "tokenizers",
+        "ml_dtypes",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "psutil",
+    ],
+    extras_require={
+        # Test-only references: a local CPU torch build, diffusers' FLUX.2 VAE, transformers' GPT-OSS.
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "torch==2.13.0",
+            "diffusers==0.42.1",
+            "transformers>=5",
+        ],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "lens-convert=lens_jax.convert.cli:main",
+            "lens-data=lens_jax.data.cli:main",
+        ],
+    },
+)

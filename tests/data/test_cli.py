@@ -1,0 +1,165 @@
+"""``lens-data build`` / ``inspect`` / ``--help`` on small folders."""
+
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+from lens_jax.data import cli, records
+
+
+def _save(path, size, fmt, color=(10, 120, 200)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format=fmt)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """3 good images (JPEG, PNG in a sub-folder, WebP) and 5 bad ones, with .txt captions."""
+    root = tmp_path / "imgs"
+    good = {
+        "a.jpg": _save(root / "a.jpg", (64, 48), "JPEG"),
+        "sub/b.png": _save(root / "sub" / "b.png", (32, 64), "PNG"),
+        "c.webp": _save(root / "c.webp", (40, 40), "WEBP"),
+    }
+    (root / "a.txt").write_text("a blue picture with things in it\n")
+    (root / "sub" / "b.txt").write_text("a tall blue picture")
+    (root / "sub" / "b.short.txt").write_text("tall blue")
+    (root / "c.webp.txt").write_text("a square blue picture")
+    _save(root / "nocap.png", (16, 16), "PNG")                       # missing caption
+    _save(root / "empty.png", (16, 16), "PNG")
+    (root / "empty.txt").write_text("  \n")                           # empty caption
+    (root / "corrupt.jpg").write_bytes(good["a.jpg"][:300])          # truncated JPEG
+    (root / "corrupt.txt").write_text("broken")
+    (root / "fake.png").write_bytes(b"this is not an image")          # not an image at all
+    (root / "fake.txt").write_text("fake")
+    _save(root / "anim.gif", (16, 16), "GIF")                         # unsupported format
+    return root, good
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_build_txt_pairs_report_and_records(image_folder, tmp_path, capsys):
+    root, good = image_folder
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--out", out, "--num-shards", 2,
+                           "--workers", 1, "--source", "unit", "--no-progress")
+    assert code == 0
+    assert "written: 3" in stdout and "skipped: 5" in stdout
+    for line in ("missing caption: 1", "empty caption: 1", "unreadable or corrupt image: 2",
+                 "unsupported image format: 1", "nocap.png", "corrupt.jpg", "fake.png",
+                 "anim.gif"):
+        assert line in stdout, line
+    manifest = records.read_manifest(out)
+    assert manifest["build"] == {"written": 3, "skipped": {
+        "empty caption": 1, "missing caption": 1, "unreadable or corrupt image": 2,
+        "unsupported image format": 1}}
+    examples = {e.id: e for e in records.read_examples(str(out))}
+    assert set(examples) == set(good)
+    for key, data in good.items():
+        assert examples[key].image_bytes == data  # stored byte for byte
+        assert examples[key].source == "unit"
+    assert (examples["a.jpg"].width, examples["a.jpg"].height) == (64, 48)
+    assert (examples["sub/b.png"].width, examples["sub/b.png"].height) == (32, 64)
+    assert examples["sub/b.png"].short_caption == "tall blue"
+    assert examples["a.jpg"].caption == "a blue picture with things in it"
+    assert json.loads(examples["c.webp"].metadata)["format"] == "webp"
+
+    # An existing output folder is refused (exit code 2, message on stderr).
+    code, _, stderr = _run(capsys, "build", "--images", root, "--out", out, "--no-progress")
+    assert code == 2 and "already exists" in stderr
+
+
+def test_build_captions_files_parallel(image_folder, tmp_path, capsys):
+    root, good = image_folder
+    jsonl = tmp_path / "caps.jsonl"
+    rows = [{"path": "a.jpg", "caption": "from jsonl", "short_caption": "j"},
+            {"image": "sub/b.png", "text": "alias keys", "metadata": {"license": "cc0"}},
+            {"path": "c.webp", "caption": ""},
+            {"path": "missing.png", "caption": "no such file"},
+            {"path": "a.jpg", "caption": "twice"}]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out_jsonl"
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--captions", jsonl, "--out", out,
+                           "--workers", 2, "--no-progress")
+    assert code == 0
+    assert "written: 2" in stdout
+    summary = records.read_manifest(out)["build"]["skipped"]
+    # not in the file: nocap, empty, corrupt, fake (.png/.jpg) -> missing caption; gif unsupported
+    assert summary == {"empty caption": 1, "image file missing": 1, "duplicate entry": 1,
+                       "missing caption": 4, "unsupported image format": 1}
+    examples = {e.id: e for e in records.read_examples(str(out))}
+    assert examples["a.jpg"].caption == "from jsonl" and examples["a.jpg"].short_caption == "j"
+    assert json.loads(examples["sub/b.png"].metadata) == {"format": "png", "license": "cc0"}
+
+    # CSV without a header: path, caption, short_caption.
+    csv_path = tmp_path / "caps.csv"
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([["a.jpg", "csv caption, with a comma", "s"],
+                                 [str(root / "c.webp"), "absolute path"]])
+    out_csv = tmp_path / "out_csv"
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--captions", csv_path, "--out",
+                           out_csv, "--workers", 1, "--no-progress")
+    assert code == 0 and "written: 2" in stdout
+    examples = {e.id: e for e in records.read_examples(str(out_csv))}
+    assert examples["a.jpg"].caption == "csv caption, with a comma"
+    assert examples["c.webp"].caption == "absolute path"
+
+
+def test_build_nothing_usable(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    _save(root / "x.png", (8, 8), "PNG")
+    out = tmp_path / "out"
+    code, _, stderr = _run(capsys, "build", "--images", root, "--out", out, "--workers", 1,
+                           "--no-progress")
+    assert code == 2 and "every image was skipped" in stderr and "missing caption: 1" in stderr
+    assert not out.exists()
+    code, _, stderr = _run(capsys, "build", "--images", tmp_path / "nope", "--out", out)
+    assert code == 2 and "nope: image folder not found" in stderr
+
+
+def test_inspect(image_folder, tmp_path, capsys):
+    root, _ = image_folder
+    out = tmp_path / "out"
+    assert _run(capsys, "build", "--images", root, "--out", out, "--num-shards", 2, "--workers",
+                1, "--source", "unit", "--no-progress")[0] == 0
+    code, stdout, _ = _run(capsys, "inspect", out, "--examples", 2)
+    assert code == 0
+    assert "records: 3 in 2 shard(s)" in stdout
+    assert "data.array_record-00000-of-00002: 2" in stdout
+    # caption words: 7 ("a blue picture with things in it"), 4, 4
+    assert "dense caption words: min 4, mean 5.0, median 4, max 7" in stdout
+    assert "short caption words: min 2, mean 2.0, median 2, max 2 (2 without" in stdout
+    for text in ("64x48", "32x64", "40x40", "1:2", "4:3", "1:1", "jpeg", "png", "webp", "unit"):
+        assert text in stdout, text
+    assert stdout.count("example ") == 2
+    code, _, stderr = _run(capsys, "inspect", tmp_path / "missing")
+    assert code == 2 and "missing" in stderr
+
+
+def test_aspect_bins():
+    assert cli.aspect_bin(352, 704) == "1:2"
+    assert cli.aspect_bin(1024, 576) == "16:9"
+    assert cli.aspect_bin(100, 100) == "1:1"
+    assert cli.aspect_bin(300, 100) == ">2:1"
+    assert cli.aspect_bin(100, 300) == "<1:2"
+
+
+@pytest.mark.parametrize("command", ["build", "inspect", "synth-shapes", "tfds-prepare"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        assert action.help, f"{command}: {action.option_strings or action.dest} has no help"
+        for flag in action.option_strings:
+            assert flag in text

@@ -1,0 +1,202 @@
+"""LensTransformer against the independent PyTorch reading of the spec (tests/reference)."""
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from configs import lens_3p8b, tiny
+from lens_jax.convert.transformer import load_transformer, tensor_count
+from lens_jax.models import attention as attention_lib
+from lens_jax.models.rope import image_positions, text_positions
+from lens_jax.models.transformer import LensTransformer, abstract_model, param_count
+from tests.conftest import max_rel_err, rel_l2
+from tests.reference.checkpoints import reference_from_config, write_diffusers_folder
+
+FP32_MAX_REL = 1e-4   # fp32 parity: max |a - e| / max |e|
+BF16_REL_L2 = 2e-2    # bf16 compute vs the fp32 reference: relative L2
+
+
+def make_inputs(cfg, b, h, w, n_txt, seed=1):
+    g = np.random.default_rng(seed)
+    latents = g.standard_normal((b, h * w, cfg.in_channels)).astype(np.float32)
+    feats = [(g.standard_normal((b, n_txt, cfg.enc_hidden_dim)) * 3).astype(np.float32)
+             for _ in cfg.selected_layer_index]
+    timesteps = g.uniform(0.05, 1.0, size=(b,)).astype(np.float32)
+    return latents, feats, timesteps
+
+
+def torch_forward(ref, latents, feats, mask, timesteps, hw):
+    with torch.no_grad():
+        return ref(torch.from_numpy(latents), [torch.from_numpy(f) for f in feats],
+                   None if mask is None else torch.from_numpy(mask), torch.from_numpy(timesteps),
+                   hw).numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    cfg = tiny.get_model_config()
+    ref = reference_from_config(cfg, seed=0)
+    folder = write_diffusers_folder(ref, cfg, tmp_path_factory.mktemp("tiny") / "transformer")
+    return cfg, ref, folder
+
+
+def test_full_config_counts_on_abstract_shapes():
+    cfg = lens_3p8b.get_config().model
+    model = abstract_model(cfg)  # ShapeDtypeStructs only
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    assert param_count(model) == 4_104_225_152
+    assert tensor_count(cfg) == 1264
+
+
+def test_every_parameter_has_logical_axis_names():
+    model = abstract_model(tiny.get_model_config())
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            names = var.get_metadata()["out_sharding"]
+            assert len(names) == len(var.shape), (path, names, var.shape)
+            assert all(isinstance(n, str) for n in names), (path, names)
+
+
+@pytest.mark.parametrize("hw,n_txt,masked", [((5, 7), 9, True), ((4, 4), 6, False), ((3, 6), 0, False)])
+def test_fp32_parity(tiny_pair, hw, n_txt, masked):
+    cfg, ref, folder = tiny_pair
+    model = load_transformer(folder)
+    b = 3
+    latents, feats, timesteps = make_inputs(cfg, b, *hw, n_txt)
+    mask = None
+    if masked:  # right-padded captions of lengths 9, 4, 1
+        mask = np.arange(n_txt)[None, :] < np.array([9, 4, 1])[:, None]
+    expected = torch_forward(ref, latents, feats, mask, timesteps, hw)
+    actual = model(jnp.asarray(latents), [jnp.asarray(f) for f in feats], jnp.asarray(timesteps),
+                   hw, None if mask is None else jnp.asarray(mask))
+    assert actual.dtype == jnp.float32
+    assert max_rel_err(actual, expected) <= FP32_MAX_REL
+    assert np.abs(expected).max() > 0.1  # not a degenerate (all-zero) comparison
+
+
+def test_bf16_compute_close_to_fp32_reference(tiny_pair):
+    cfg, ref, folder = tiny_pair
+    model = load_transformer(folder, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+    hw, n_txt = (5, 7), 8
+    latents, feats, timesteps = make_inputs(cfg, 2, *hw, n_txt, seed=3)
+    mask = np.arange(n_txt)[None, :] < np.array([8, 5])[:, None]
+    expected = torch_forward(ref, latents, feats, mask, timesteps, hw)
+    actual = model(jnp.asarray(latents), [jnp.asarray(f) for f in feats], jnp.asarray(timesteps),
+                   hw, jnp.asarray(mask))
+    assert actual.dtype == jnp.bfloat16
+    assert rel_l2(actual, expected) <= BF16_REL_L2
+
+
+def test_masked_text_cannot_reach_the_image(tiny_pair):
+    """Spec 1.7: with an all-False mask the image stream equals running without text."""
+    cfg, _, folder = tiny_pair
+    model = load_transformer(folder)
+    latents, feats, timesteps = make_inputs(cfg, 2, 4, 5, 6)
+    none = model(latents, [f[:, :0] for f in feats], timesteps, (4, 5))
+    masked = model(latents, feats, timesteps, (4, 5), jnp.zeros((2, 6), bool))
+    np.testing.assert_allclose(masked, none, rtol=0, atol=1e-5 * np.abs(none).max())
+
+
+def test_packed_row_of_two_images_equals_each_alone(tiny_pair):
+    cfg, _, folder = tiny_pair
+    model = load_transformer(folder)
+    (h1, w1, n1, t1), (h2, w2, n2, t2) = (3, 5, 4, 0.8), (4, 2, 6, 0.3)
+    lat1, f1, _ = make_inputs(cfg, 1, h1, w1, n1, seed=11)
+    lat2, f2, _ = make_inputs(cfg, 1, h2, w2, n2, seed=12)
+    n_img, n_txt = 32, 16  # row budgets, with padding at the end of both sequences
+    pad_img, pad_txt = n_img - h1 * w1 - h2 * w2, n_txt - n1 - n2
+    img = np.concatenate([lat1[0], lat2[0], np.full((pad_img, cfg.in_channels), 7.0, np.float32)])
+    img_pos = np.concatenate([image_positions(h1, w1), image_positions(h2, w2),
+                              np.zeros((pad_img, 3), np.int32)])
+    img_seg = np.array([1] * (h1 * w1) + [2] * (h2 * w2) + [0] * pad_img, np.int32)
+    feats = [np.concatenate([a[0], b[0], np.full((pad_txt, cfg.enc_hidden_dim), 5.0, np.float32)])
+             for a, b in zip(f1, f2)]
+    txt_pos = np.concatenate([text_positions(h1, w1, n1), text_positions(h2, w2, n2),
+                              np.zeros((pad_txt, 3), np.int32)])
+    txt_seg = np.array([1] * n1 + [2] * n2 + [0] * pad_txt, np.int32)
+    packed = model.forward_packed(img[None], img_pos[None], img_seg[None], [f[None] for f in feats],
+                                  txt_pos[None], txt_seg[None], np.array([[t1, t2]], np.float32))[0]
+    alone1 = model(lat1, f1, np.array([t1], np.float32), (h1, w1))[0]
+    alone2 = model(lat2, f2, np.array([t2], np.float32), (h2, w2))[0]
+    assert max_rel_err(packed[: h1 * w1], alone1) <= 1e-5
+    assert max_rel_err(packed[h1 * w1: h1 * w1 + h2 * w2], alone2) <= 1e-5
+    assert np.all(np.asarray(packed[h1 * w1 + h2 * w2:]) == 0)  # padding tokens give zeros
+
+
+def test_remat_policies_give_the_same_gradients():
+    latents, feats, timesteps = make_inputs(tiny.get_model_config(), 2, 3, 4, 5)
+
+    def grads(policy):
+        model = LensTransformer(tiny.get_model_config(zero_init_modulation=False, remat=policy),
+                                rngs=nnx.Rngs(0))  # same seed: same weights for every policy
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def grad_fn(state):
+            return jax.grad(lambda s: jnp.mean(
+                nnx.merge(graphdef, s)(latents, feats, timesteps, (3, 4)) ** 2))(state)
+        return jax.tree.leaves(grad_fn(state))
+
+    base = grads("none")
+    for policy in ("full", "save_dots", "save_dots_no_batch", "save_qkv_attn"):
+        for a, b in zip(base, grads(policy)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=policy)
+
+
+def test_attention_dispatch_falls_back_with_a_warning(caplog):
+    attention_lib.resolve.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        assert attention_lib.resolve("splash", "cpu") == "xla"
+        assert attention_lib.resolve("cudnn", "cpu") == "xla"
+    assert "falling back to XLA" in caplog.text
+    assert attention_lib.resolve("auto", "cpu") == "xla"
+    assert attention_lib.resolve("auto", "tpu") == "splash"
+    assert attention_lib.resolve("auto", "gpu") == "cudnn"
+    # a model configured for splash runs (through the fallback) and matches the XLA path
+    latents, feats, timesteps = make_inputs(tiny.get_model_config(), 1, 2, 3, 2)
+    outs = []
+    for impl in ("xla", "splash"):
+        model = LensTransformer(tiny.get_model_config(zero_init_modulation=False, attention=impl),
+                                rngs=nnx.Rngs(0))
+        outs.append(model(latents, feats, timesteps, (2, 3)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_bad_inputs_name_the_shapes(tiny_pair):
+    cfg, _, folder = tiny_pair
+    model = load_transformer(folder)
+    latents, feats, timesteps = make_inputs(cfg, 2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"latent_hw \(3, 5\)"):
+        model(latents, feats, timesteps, (3, 5))
+    with pytest.raises(ValueError, match="text feature tensors"):
+        model(latents, feats[:1], timesteps, (3, 4))
+    with pytest.raises(ValueError, match=r"timesteps shape \(3,\)"):
+        model(latents, feats, np.zeros(3, np.float32), (3, 4))
+    with pytest.raises(ValueError, match="text_mask shape"):
+        model(latents, feats, timesteps, (3, 4), np.ones((2, 4), bool))
+
+
+def test_full_model_lowers_for_1024px_within_60s():
+    """Scan over stacked blocks: one block body, so lowering the 48-block model is quick."""
+    cfg = lens_3p8b.get_config().model
+    graphdef, state = nnx.split(abstract_model(cfg))
+    n_img, n_txt = 64 * 64, 415
+
+    def forward(state, latents, feats, timesteps, mask):
+        return nnx.merge(graphdef, state)(latents, feats, timesteps, (64, 64), mask)
+
+    sds = jax.ShapeDtypeStruct
+    args = (sds((1, n_img, 128), jnp.bfloat16), [sds((1, n_txt, 2880), jnp.bfloat16)] * 4,
+            sds((1,), jnp.float32), sds((1, n_txt), jnp.bool_))
+    start = time.perf_counter()
+    lowered = jax.jit(forward).lower(state, *args)
+    seconds = time.perf_counter() - start
+    assert lowered.out_info.shape == (1, n_img, 128)
+    assert seconds < 60, f"lowering took {seconds:.1f} s"
