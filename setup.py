@@ -27,6 +27,8 @@ setup(
         "pillow",
         "tqdm",
         "psutil",
+        # TensorBoard event files without TensorFlow (the trainer's metrics writer).
+        "tensorboardX",
     ],
     extras_require={
         # Test-only references: a local CPU torch build, diffusers' FLUX.2 VAE, transformers' GPT-OSS.
@@ -36,7 +38,12 @@ setup(
             "torch==2.13.0",
             "diffusers==0.42.1",
             "transformers>=5",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
         ],
+        # Downloading a checkpoint by hub id in LensPipeline.from_pretrained.
+        "hub": ["huggingface_hub"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
@@ -44,6 +51,9 @@ setup(
         "console_scripts": [
             "lens-convert=lens_jax.convert.cli:main",
             "lens-data=lens_jax.data.cli:main",
+            "lens-sample=lens_jax.sampling.cli:main",
+            "lens-train=lens_jax.train.cli:main",
+            "lens-eval=lens_jax.eval.cli:main",
         ],
     },
 )

@@ -7,6 +7,7 @@ Public API (imported lazily, so ``import lens_jax`` stays cheap):
 - ``LensTransformer``: the Flax NNX denoiser.
 - ``load_vae`` / ``save_vae``: the FLUX.2 VAE.
 - ``load_text_encoder`` / ``encode_prompts``: the GPT-OSS-20B text encoder.
+- ``LensPipeline``: text to image (``LensPipeline.from_pretrained(path)(prompts, ...)``).
 """
 
 import importlib
@@ -21,6 +22,7 @@ _LAZY = {
     "save_vae": "lens_jax.convert.vae",
     "load_text_encoder": "lens_jax.convert.text_encoder",
     "encode_prompts": "lens_jax.text",
+    "LensPipeline": "lens_jax.sampling.pipeline",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -126,10 +125,15 @@ class SafetensorsFolder:
         return self._meta[key]
 
     def read(self, key: str) -> np.ndarray:
-        """One tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``), copied out of the mmap."""
+        """One tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``).
+
+        The file is mapped for this read only: pages read through a long-lived mapping stay
+        resident (and count in RSS) until it is closed, which would grow to the checkpoint's size.
+        """
         if key not in self._key_file:
             raise CheckpointError(f"{self.folder}: missing tensor {key!r}")
-        return np.array(self._handle(key).get_tensor(key), copy=True)
+        with safe_open(self._key_file[key], framework="numpy") as f:
+            return np.array(f.get_tensor(key), copy=True)
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -149,44 +153,74 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
         f.write("\n")
 
 
+# safetensors dtype names of the numpy dtypes we write (the format's own spelling).
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+              "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+              "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
 class ShardedWriter:
     """Writes tensors one by one into ``{prefix}-0000i-of-0000n.safetensors`` shards plus an index.
 
-    A shard is flushed to disk as soon as adding the next tensor would pass ``max_shard_bytes``,
-    so host memory holds at most one shard. With a single shard the file is named
-    ``{prefix}.safetensors`` and no index is written (the diffusers convention).
+    Tensor data goes straight to disk as it is added (a shard's payload is spooled to a side file
+    and joined to its header when the shard is closed), so memory holds one tensor, never a shard.
+    The safetensors library only writes whole dicts, hence this small writer of the documented
+    format (8-byte header length, JSON header with ``data_offsets``, raw little-endian data);
+    files are read back with the library. A shard closes before it would pass ``max_shard_bytes``.
+    With a single shard the file is ``{prefix}.safetensors`` and no index is written (diffusers'
+    convention).
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str, max_shard_bytes: int = 2 << 30):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, np.ndarray] = {}
-        self._pending_bytes = 0
+        self._header: dict[str, dict] = {}
+        self._payload = None
+        self._offset = 0
         self._shards: list[tuple[str, list[str]]] = []
+        self._seen: set[str] = set()
         self._total_bytes = 0
 
     def add(self, key: str, array: np.ndarray) -> None:
-        if key in self._pending or any(key in keys for _, keys in self._shards):
+        if key in self._seen:
             raise CheckpointError(f"duplicate tensor key {key!r} while writing {self.out_dir}")
-        array = np.ascontiguousarray(array)
-        if self._pending and self._pending_bytes + array.nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[key] = array
-        self._pending_bytes += array.nbytes
-        self._total_bytes += array.nbytes
+        array = np.asarray(array, order="C")  # keeps 0-d tensors 0-d (ascontiguousarray would not)
+        if array.dtype.name not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {key!r}: dtype {array.dtype} cannot be written to safetensors")
+        if self._header and self._offset + array.nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._payload is None:
+            self._payload = open(self.out_dir / f".{self.prefix}-part{len(self._shards):05d}.payload", "wb")
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        self._payload.write(data)
+        self._header[key] = {"dtype": _ST_DTYPES[array.dtype.name], "shape": list(array.shape),
+                             "data_offsets": [self._offset, self._offset + len(data)]}
+        self._offset += len(data)
+        self._seen.add(key)
+        self._total_bytes += len(data)
 
-    def _flush(self) -> None:
+    def _close_shard(self) -> None:
+        if self._payload is None:  # an empty checkpoint still gets one (empty) file
+            self._payload = open(self.out_dir / f".{self.prefix}-part{len(self._shards):05d}.payload", "wb")
+        payload_path = Path(self._payload.name)
+        self._payload.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # pad to 8 bytes, as the library does
         name = f"{self.prefix}-part{len(self._shards):05d}.safetensors.tmp"
-        save_file(self._pending, str(self.out_dir / name), metadata={"format": "pt"})
-        self._shards.append((name, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
+        with open(self.out_dir / name, "wb") as out, open(payload_path, "rb") as payload:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(payload, out, 16 << 20)
+        payload_path.unlink()
+        self._shards.append((name, list(self._header)))
+        self._header, self._payload, self._offset = {}, None, 0
 
     def finish(self) -> list[str]:
-        """Flushes the last shard, gives the shards their final names, writes the index."""
-        if self._pending or not self._shards:
-            self._flush()
+        """Closes the last shard, gives the shards their final names, writes the index."""
+        if self._header or not self._shards:
+            self._close_shard()
         n = len(self._shards)
         final_names = ([f"{self.prefix}.safetensors"] if n == 1 else
                        [f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])

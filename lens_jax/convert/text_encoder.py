@@ -203,7 +203,7 @@ def _unused_key(prefix: str, num_layers: int):
 
 def load_text_encoder(path: str | os.PathLike, layers: Sequence[int] = DEFAULT_LAYERS,
                       dtype=jnp.bfloat16, mxfp4: bool = True, mesh: jax.sharding.Mesh | None = None,
-                      rules: Mapping[str, object] | None = None, moe_impl: str = "ragged",
+                      rules: Mapping[str, object] | None = None, moe_impl: str = "dense",
                       progress: bool = True) -> TextEncoder:
     """Loads a GPT-OSS encoder returning the hidden states of ``layers`` (0-based decoder layers).
 
@@ -213,6 +213,8 @@ def load_text_encoder(path: str | os.PathLike, layers: Sequence[int] = DEFAULT_L
     at load time into dense ``dtype`` experts. Dense checkpoints always load dense.
     ``mesh``/``rules``: place every parameter with ``NamedSharding`` built from its logical axis
     names (``rules`` maps a logical name such as ``"experts"`` to a mesh axis).
+    ``moe_impl``: ``"dense"`` (every expert on every token, masked combine; default) or
+    ``"ragged"`` (sorted grouped matmuls, ``jax.lax.ragged_dot``; for backends with a native one).
     """
     folder_path = resolve_folder(path)
     config = read_config(folder_path)
@@ -253,10 +255,7 @@ def load_text_encoder(path: str | os.PathLike, layers: Sequence[int] = DEFAULT_L
             bar = tqdm(total=len(mappings), desc="text encoder", unit="tensor")
         for file_mappings in by_file.values():
             for m in file_mappings:
-                placer.put(m.path, m.index, load_tensor(folder, m))
-                # Unmap the file after every tensor: pages read through the memory map would
-                # otherwise stay resident (and count in RSS) until the file is closed.
-                folder.close()
+                placer.put(m.path, m.index, load_tensor(folder, m))  # read() unmaps after each
                 if bar is not None:
                     bar.update(1)
         if bar is not None:

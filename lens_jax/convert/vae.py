@@ -128,7 +128,7 @@ def _state_dict(model: AutoencoderKLFlux2) -> dict[tuple[str, ...], jax.Array]:
             for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=(0, 1))
 def _add_tile(acc: jax.Array, weight_sum: jax.Array, tile: jax.Array, weight: jax.Array,
               y0: jax.Array, x0: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Adds ``tile * weight`` into ``acc`` (and ``weight`` into ``weight_sum``) at ``(y0, x0)``."""
@@ -142,16 +142,16 @@ def _add_tile(acc: jax.Array, weight_sum: jax.Array, tile: jax.Array, weight: ja
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of length ``tile`` covering ``[0, size)`` with >= ``overlap`` overlap.
+    """Start offsets of the fewest tiles of length ``tile`` covering ``[0, size)`` with overlaps
+    of at least ``overlap``, spread evenly (first at 0, last ending at ``size``).
 
-    The last tile is shifted back to end exactly at ``size``, so every tile has the same length
-    (one compiled decode) and overlaps are at least ``overlap``.
+    Every tile has the same length, so one compiled decode serves them all.
     """
     if size <= tile:
         return [0]
-    stride = tile - overlap
-    starts = list(range(0, size - tile, stride)) + [size - tile]
-    return sorted(set(starts))
+    n = -(-(size - overlap) // (tile - overlap))  # ceil: fewest tiles with overlap >= overlap
+    n = max(n, 2)
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
 def blend_ramp(length: int, ramp_in: int, ramp_out: int) -> np.ndarray:
@@ -353,10 +353,6 @@ def _vae_folder(path: str | os.PathLike) -> Path:
     if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         return path / "vae"
     return path
-
-
-def _is_float(array: np.ndarray) -> bool:
-    return np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"
 
 
 def load_vae(path: str | os.PathLike, dtype=None, param_dtype=None) -> FluxVAE:

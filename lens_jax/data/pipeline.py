@@ -70,6 +70,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.base_sizes = (512, 768, 1024)   # base sides (spec 2.8: 27 buckets = 3 bases x 9 ratios)
     c.base_probs = (0.6, 0.25, 0.15)  # per-base probability (per-GPU batch 24/10/6 of spec 5)
     c.bucket_scale = 1.0        # multiply bucket sides (tiny demos: 1/8, 1/16); rounded to 16 px
+    c.aspect_ratios = ()        # keep only these ratio indices (0..8, buckets.ASPECT_RATIOS; () = all)
     c.max_upscale = 0.0         # drop bases needing more upscaling than this (0 = no limit)
     c.jpeg_draft = True         # let libjpeg decode at 1/2..1/8 scale when that still covers
     c.resample = "lanczos"      # resize filter: "lanczos" (high quality) | "bicubic" (~1.5x faster)
@@ -480,6 +481,11 @@ def make_pipeline(config: ml_collections.ConfigDict, mesh=None, *,
     if tokenizer is None:
         tokenizer = load_caption_tokenizer(cfg.tokenizer, cfg.template_date, cfg.caption_length)
     buckets = make_buckets(tuple(cfg.base_sizes), float(cfg.bucket_scale))
+    if tuple(cfg.aspect_ratios):
+        keep = {int(i) for i in cfg.aspect_ratios}
+        if not keep <= set(range(9)):
+            raise ValueError(f"data.aspect_ratios {tuple(cfg.aspect_ratios)}: indices must be in 0..8")
+        buckets = [b for b in buckets if b.ratio_index in keep]
     if cfg.mode == "pack":
         largest = max(b.num_tokens for b in buckets)
         if largest > cfg.image_tokens:

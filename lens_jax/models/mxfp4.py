@@ -20,7 +20,10 @@ GROUP_SIZE = 32
 
 
 def e8m0_to_float32(scales: jnp.ndarray) -> jnp.ndarray:
-    """uint8 E8M0 exponents -> float32 ``2^(s - 127)``, exactly (255 -> inf, like ``ldexp``)."""
+    """uint8 E8M0 exponents -> float32 ``2^(s - 127)``, exactly (255 -> inf, like ``ldexp``).
+
+    Exponents 0 and 1 give subnormal products (< 2^-126), which XLA on CPU flushes to zero.
+    """
     s = scales.astype(jnp.uint32)
     normal = jax.lax.bitcast_convert_type(s << 23, jnp.float32)  # exponent field = s
     return jnp.where(s == 0, jnp.float32(2.0 ** -127), normal)
@@ -48,7 +51,8 @@ def dequantize_numpy(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     lut = np.asarray(FP4_VALUES, np.float32)
     values = np.stack([lut[blocks & 0x0F], lut[blocks >> 4]], axis=-1)
     values = values.reshape(blocks.shape[:-1] + (GROUP_SIZE,))
-    values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
+    with np.errstate(over="ignore"):  # exponent 254 x 6 overflows to inf, as in float32 ldexp
+        values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
     return values.reshape(blocks.shape[:-2] + (blocks.shape[-2] * GROUP_SIZE,))
 
 

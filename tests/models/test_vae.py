@@ -100,21 +100,25 @@ def test_jit_cache_per_shape(tiny, rng):
     assert _JIT._cache_size() == size  # same shape: no new compilation
 
 
-def test_param_and_compute_dtype_are_independent(tiny, tmp_path, rng):
-    model, vae32 = tiny
-    model.save_pretrained(tmp_path / "f32")
-    mixed = load_vae(tmp_path / "f32", dtype=jnp.float32, param_dtype=jnp.bfloat16)
+def test_param_and_compute_dtype_are_independent(rng):
+    """Same random weights stored in f32 or bf16, computed in f32 or bf16 (a 2-stage config, so
+    the three compilations stay cheap)."""
+    config = vae_lib.VAEConfig(block_out_channels=(16, 32), layers_per_block=1, latent_channels=8,
+                               norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                               up_block_types=("UpDecoderBlock2D",) * 2)
+    ref = random_vae(config, seed=3)
+    mixed = random_vae(config, seed=3, dtype=jnp.float32, param_dtype=jnp.bfloat16)
+    bf16 = random_vae(config, seed=3, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     assert mixed.model.encoder.conv_in.kernel[...].dtype == jnp.bfloat16
     assert mixed.model.bn_var[...].dtype == jnp.bfloat16
-    bf16 = load_vae(tmp_path / "f32", dtype=jnp.bfloat16, param_dtype=jnp.float32)
     assert bf16.model.encoder.conv_in.kernel[...].dtype == jnp.float32
-    z = rng.standard_normal((2, 8, 12, TINY_CONFIG["latent_channels"])).astype(np.float32)
-    ref = vae32.decode(z)
+    z = rng.standard_normal((1, 8, 8, 8)).astype(np.float32)
+    expected = ref.decode(z)
     out_mixed, out_bf16 = mixed.decode(z), bf16.decode(z)
     assert out_mixed.dtype == jnp.float32 and out_bf16.dtype == jnp.bfloat16
-    # bf16 weights (mixed) or bf16 activations: ~3 significant digits each layer.
-    assert rel_l2(out_mixed, ref) < 3e-2
-    assert rel_l2(out_bf16, ref) < 5e-2
+    # bf16 weights (mixed) or bf16 activations: ~3 significant digits per layer.
+    assert 0 < rel_l2(out_mixed, expected) < 3e-2
+    assert 0 < rel_l2(out_bf16, expected) < 5e-2
 
 
 def test_every_parameter_has_logical_axis_names():
@@ -133,13 +137,25 @@ def test_random_vae_has_every_tensor_random():
         assert np.unique(value).size > 1, path
 
 
+def test_chunked_attention_equals_unchunked(rng):
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 37, 16)), jnp.float32) for _ in range(3))
+    full = vae_lib.single_head_attention(q, k, v, query_chunk=64)
+    chunked = vae_lib.single_head_attention(q, k, v, query_chunk=8)  # 5 chunks, last one padded
+    np.testing.assert_allclose(chunked, full, rtol=1e-5, atol=1e-6)
+    scores = np.einsum("bqd,bkd->bqk", q, k) / 4.0
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bqk,bkd->bqd", probs / probs.sum(-1, keepdims=True), v)
+    np.testing.assert_allclose(full, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_tile_layout():
     assert tile_starts(40, 64, 16) == [0]
-    assert tile_starts(180, 64, 16) == [0, 48, 96, 116]
+    assert tile_starts(180, 64, 16) == [0, 39, 77, 116]
+    assert tile_starts(128, 64, 16) == [0, 32, 64]
     for size, tile, overlap in [(180, 64, 16), (130, 64, 16), (41, 16, 8)]:
         starts = tile_starts(size, tile, overlap)
         assert starts[-1] + tile == size
-        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+        assert starts[0] == 0 and all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
     ramp = blend_ramp(8, 4, 2)
     np.testing.assert_allclose(ramp, [0.125, 0.375, 0.625, 0.875, 1, 1, 0.75, 0.25])
 
@@ -161,46 +177,48 @@ def test_tiled_blending_is_exact_for_a_local_decoder(tiny, rng):
 
 
 def test_tiled_decode_close_to_untiled(tiny, rng):
-    """Tiled decode of a 72x88 latent (576x704 image) in 32x32 tiles, overlap 16: 4 x 5 tiles.
+    """Tiled decode of a 56x72 latent (448x576 image) in 32x32 tiles, overlap >= 16: 2 x 4 tiles.
 
     Tiled decode is not exact: each tile's GroupNorm statistics (and the mid-block attention)
     see only that tile, so every normalized activation is off by the difference between the
     tile's and the image's group mean/variance. With spatially stationary latents (i.i.d.
     Gaussian here, as at the start of sampling) that difference is a sampling error of the
-    per-tile estimate; measured on this tiny config (4 channels per group, the worst case: the
-    real VAE has 16) it is ~5% relative L2 for 32-latent tiles (~27% for 16-latent tiles, so
-    the default tile is 64). Bounds: relative L2 < 10%, mean |error| < 10% of mean |image|.
+    per-tile estimate, which shrinks with the tile area. Measured on this tiny config (2-4
+    channels per group; the real VAE has 4-16) with torch-default random weights: 12% relative
+    L2 for 32-latent tiles (5% with our random_vae weights; ~30% for 16-latent tiles, hence the
+    default tile of 64). Bound: relative L2 and mean |error| / mean |image| < 20%, i.e. a tiled
+    decode is a close approximation, not a parity check (the untiled decode is the exact one).
     Seams must not stand out: the error on the rows/columns where tiles end is less than twice
     the error elsewhere (the linear blend spreads the per-tile offsets over the overlap).
     """
     _, vae = tiny
-    z = rng.standard_normal((1, 72, 88, TINY_CONFIG["latent_channels"])).astype(np.float32)
+    z = rng.standard_normal((1, 56, 72, TINY_CONFIG["latent_channels"])).astype(np.float32)
     full = np.asarray(vae.decode(z))
     tiled = np.asarray(vae.decode_tiled(z, tile=32, overlap=16))
-    assert tiled.shape == full.shape == (1, 576, 704, 3)
+    assert tiled.shape == full.shape == (1, 448, 576, 3)
     err = np.abs(tiled - full)
     rl2 = rel_l2(tiled, full)
     mean_err = err.mean() / np.abs(full).mean()
     print(f"tiled vs untiled: rel L2 {rl2:.4f}, mean abs err / mean abs {mean_err:.4f}")
-    assert rl2 < 0.10
-    assert mean_err < 0.10
+    assert rl2 < 0.20
+    assert mean_err < 0.20
     f = 8  # image pixels per latent pixel
-    seam_rows = sorted((s + 32) * f - 1 for s in tile_starts(72, 32, 16)[:-1])
-    seam_cols = sorted((s + 32) * f - 1 for s in tile_starts(88, 32, 16)[:-1])
+    seam_rows = sorted((s + 32) * f - 1 for s in tile_starts(56, 32, 16)[:-1])
+    seam_cols = sorted((s + 32) * f - 1 for s in tile_starts(72, 32, 16)[:-1])
     seam_err = np.concatenate([err[:, seam_rows].ravel(), err[:, :, seam_cols].ravel()])
     assert seam_err.mean() < 2 * err.mean()
 
 
 def test_tiled_latents_to_image(tiny, rng):
+    """latents_to_image(tiled=True) is decode_tiled of the de-normalized, unpatchified latents."""
     _, vae = tiny
     c = 4 * TINY_CONFIG["latent_channels"]
-    tokens = rng.standard_normal((1, 36 * 44, c)).astype(np.float32)
-    full = np.asarray(vae.latents_to_image(tokens, (36, 44)))
-    tiled = np.asarray(vae.latents_to_image(tokens, (36, 44), tiled=True, tile=32, overlap=16))
-    assert tiled.shape == full.shape == (1, 576, 704, 3)
-    assert rel_l2(tiled, full) < 0.10
-    single = np.asarray(vae.latents_to_image(tokens, (36, 44), tiled=True, tile=88))
-    np.testing.assert_array_equal(single, full)  # one tile covers all: exactly the untiled decode
+    tokens = rng.standard_normal((1, 18 * 22, c)).astype(np.float32)
+    z = vae.tokens_to_vae_latents(tokens, (18, 22))
+    tiled = np.asarray(vae.latents_to_image(tokens, (18, 22), tiled=True, tile=32, overlap=16))
+    np.testing.assert_array_equal(tiled, np.asarray(vae.decode_tiled(z, tile=32, overlap=16)))
+    single = np.asarray(vae.latents_to_image(tokens, (18, 22), tiled=True, tile=44))
+    np.testing.assert_array_equal(single, np.asarray(vae.decode(z)))  # one tile: the exact decode
 
 
 @pytest.mark.parametrize("shape, match", [

@@ -1,0 +1,210 @@
+"""``lens-sample``: text to images with a Lens checkpoint, one PNG + one JSON sidecar per image.
+
+  lens-sample --model path/to/Lens --prompt "a red cube on a table" --out out/
+  lens-sample --model path/to/Lens-Turbo --prompts-file prompts.jsonl --bucket 1024:3:4 --out out/
+  lens-sample --model path/to/Lens --replay out/00003.json --out again/    # reproduce one image
+
+Image k of a run (prompt-major: every image of prompt 1, then prompt 2, ...) is ``{k:05d}.png``;
+its sidecar ``{k:05d}.json`` holds every setting (prompt, negative prompt, seed, image index,
+steps, guidance, size, date, model, dtype, package version). The starting noise of an image
+depends only on (seed, image index), so batch size and device count do not change it.
+A random checkpoint to try this with: ``lens-convert random --out /tmp/lens-tiny --preset tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lens_jax.sampling.resolution import parse_bucket, parse_size
+
+DTYPES = ("float32", "bfloat16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lens-sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="Lens checkpoint folder in the Hugging Face layout (model_index.json, "
+                             "transformer/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id "
+                             "such as microsoft/Lens (downloaded with huggingface_hub if installed)")
+    src = parser.add_argument_group("prompts (at least one of --prompt, --prompts-file, --replay)")
+    src.add_argument("--prompt", action="append", default=[],
+                     help="a prompt; repeat the flag for several")
+    src.add_argument("--prompts-file",
+                     help="a text file with one prompt per line, or JSONL with one object per line: "
+                          '{"prompt": ..., "negative_prompt": ... (optional)}')
+    src.add_argument("--replay", metavar="JSON",
+                     help="a sidecar JSON written by lens-sample: regenerate that image with its "
+                          "settings (prompt, seed, index, size, steps, guidance, date)")
+    parser.add_argument("--negative-prompt", default="",
+                        help='negative prompt for every prompt (default "": zero features)')
+    parser.add_argument("--preset", choices=("lens", "lens-turbo", "lens-base"), default=None,
+                        help="sampler defaults: lens = 20 steps / CFG 5, lens-turbo = 4 / 1, "
+                             "lens-base = 50 / 5 (default: guessed from the model name)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--size", default=None, help="image size WIDTHxHEIGHT, multiples of 16 "
+                                                  "(default 1024x1024)")
+    size.add_argument("--bucket", default=None,
+                      help="an official bucket BASE:W:H, e.g. 1024:3:4 (864x1152) or 1440:1:1")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: preset)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale; 1 disables the unconditional pass "
+                             "(default: preset)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0 <= seed < 2^32)")
+    parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
+    parser.add_argument("--first-index", type=int, default=0,
+                        help="image index of the first image (continue a run without repeating noise)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per denoising batch (the batch is sharded over all local devices)")
+    parser.add_argument("--date", default=None,
+                        help="YYYY-MM-DD rendered into the prompt template (default: today); it "
+                             "changes the text features, so keep it to reproduce images")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="compute/parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="use the first N local devices (default: all)")
+    parser.add_argument("--bf16-timesteps", action="store_true",
+                        help="round the model's time input like the bf16 reference pipeline")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR",
+                        help="jax persistent compilation cache folder (default: "
+                             "$LENS_JAX_COMPILATION_CACHE or ~/.cache/lens_jax/jax_cache)")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="do not use the persistent compilation cache")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing {k:05d}.png/.json files in --out")
+    return parser
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[dict]:
+    """A prompts file -> ``[{"prompt": ..., "negative_prompt": ...?}]`` (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompts-file {path}: no such file")
+    jobs = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: invalid JSON ({e})") from e
+                if not isinstance(item.get("prompt"), str):
+                    raise ValueError(f"{path}:{line_no}: a JSONL line needs a string \"prompt\"")
+                jobs.append({k: item[k] for k in ("prompt", "negative_prompt") if k in item})
+            else:
+                jobs.append({"prompt": line})
+    if not jobs:
+        raise ValueError(f"--prompts-file {path}: no prompts")
+    return jobs
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"lens-sample: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    jobs: list[dict] = [{"prompt": p} for p in args.prompt]
+    if args.prompts_file:
+        jobs += read_prompts_file(args.prompts_file)
+    replay = None
+    if args.replay:
+        with open(args.replay) as f:
+            replay = json.load(f)
+        jobs.append({"prompt": replay["prompt"], "negative_prompt": replay.get("negative_prompt", "")})
+    if not jobs:
+        raise ValueError("give at least one --prompt, a --prompts-file or --replay")
+    if replay is not None and len(jobs) != 1:
+        raise ValueError("--replay regenerates one image: do not combine it with --prompt/--prompts-file")
+    for job in jobs:
+        job.setdefault("negative_prompt", args.negative_prompt)
+
+    if args.bucket:
+        height, width = parse_bucket(args.bucket)
+    elif args.size:
+        height, width = parse_size(args.size)
+    elif replay is not None:
+        height, width = int(replay["height"]), int(replay["width"])
+    else:
+        height, width = 1024, 1024
+    steps, guidance, seed, first_index = args.steps, args.guidance, args.seed, args.first_index
+    date, n_per_prompt = args.date, args.num_images_per_prompt
+    if replay is not None:
+        steps = steps or replay["num_inference_steps"]
+        guidance = replay["guidance_scale"] if guidance is None else guidance
+        seed, first_index, n_per_prompt = replay["seed"], replay["image_index"], 1
+        date = date or replay.get("date")
+    if args.batch_size < 1 or n_per_prompt < 1:
+        raise ValueError("--batch-size and --num-images-per-prompt must be >= 1")
+
+    from lens_jax.sampling.pipeline import LensPipeline, date_string
+    from lens_jax.sampling.resolution import check_resolution
+
+    check_resolution(height, width)  # fail before loading anything
+    date = date_string(date)
+    images = [(job, first_index + k) for k, job in
+              enumerate(j for j in jobs for _ in range(n_per_prompt))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.overwrite:
+        taken = [f"{i:05d}.png" for _, i in images if (out / f"{i:05d}.png").exists()]
+        if taken:
+            raise FileExistsError(f"{out}: {', '.join(taken[:5])} already exist (pass --overwrite)")
+
+    cache = False if args.no_compilation_cache else (args.compilation_cache or True)
+    pipe = LensPipeline.from_pretrained(args.model, preset=args.preset, dtype=args.dtype,
+                                        devices=args.devices, bf16_timesteps=args.bf16_timesteps,
+                                        compilation_cache=cache, progress=True)
+    logging.info("%s", pipe)
+    bar = tqdm(total=len(images), desc="images", unit="img")
+    for start in range(0, len(images), args.batch_size):
+        chunk = images[start:start + args.batch_size]
+        # The last, short batch is filled with repeats of its last image (dropped afterwards) so
+        # that every batch has one shape and the compiled loop is reused.
+        filled = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
+        result = pipe([j["prompt"] for j, _ in filled], [j["negative_prompt"] for j, _ in filled],
+                      height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                      seed=seed, first_index=chunk[0][1], date=date)
+        for k, (_, index) in enumerate(chunk):
+            settings = dict(result.settings[k], size=f"{width}x{height}", file=f"{index:05d}.png",
+                            model=str(args.model))
+            assert settings["image_index"] == index
+            _write_atomic(out / f"{index:05d}.png", lambda p: result.images[k].save(p, format="PNG"))
+            _write_atomic(out / f"{index:05d}.json",
+                          lambda p: p.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n"))
+        bar.set_postfix(denoise_s=f"{result.timings['denoising']:.2f}")
+        bar.update(len(chunk))
+    bar.close()
+    print(f"wrote {len(images)} image(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""``lens-train --config configs/NAME.py --workdir DIR [--config.FIELD=VALUE ...]``.
+
+Trains (or resumes, when DIR holds checkpoints) the Lens denoiser. Any config field can be
+overridden on the command line (ml_collections ``config_flags``), e.g. ``--config.num_steps=200
+--config.optimizer.lr=1e-4 --config.data.path=/data/shapes``. ``lens-train export ...`` exports
+saved weights to a diffusers folder (see ``lens_jax.train.export``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py); override fields with --config.FIELD=VALUE.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints/, metrics.jsonl, tensorboard/, samples/, config.json. "
+    "An existing run there is resumed from its newest readable checkpoint.")
+
+
+def _quiet_logs() -> None:
+    """Our INFO messages to stderr; the libraries' (orbax, grain, absl) only from WARNING up."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    ours = logging.getLogger("lens_jax")
+    ours.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours.addHandler(handler)
+    ours.propagate = False
+
+
+def _run(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    _quiet_logs()
+    from lens_jax.train.trainer import NonFiniteLossError, train
+
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except NonFiniteLossError as e:
+        print(f"lens-train: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) > 1 and argv[1] == "export":
+        from lens_jax.train import export
+
+        sys.exit(export.main(argv[2:]))
+    app.run(_run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

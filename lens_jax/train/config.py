@@ -1,0 +1,132 @@
+"""Every field of a training run, with its default (``train_config``); configs/*.py override them.
+
+Sections: ``model`` (the denoiser, ``lens_jax.models.config``), ``data`` (the input pipeline,
+``lens_jax.data.pipeline.default_data_config``), ``mesh`` and ``rules`` (sharding), ``objective``,
+``image_encoder`` / ``text_encoder`` (frozen encoders or stand-ins), ``optimizer``, ``ema``,
+``checkpoint``, ``logging``, ``samples``, ``debug``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lens_jax.data.pipeline import default_data_config
+
+# Logical axis -> mesh axes (first matching rule wins; see lens_jax.sharding). FSDP by default:
+# parameters, optimizer state and EMA are split over "fsdp" along their "embed" axis, attention
+# heads and MLP hidden units over "tensor"; activations' batch axis over every data-like axis.
+DEFAULT_RULES = (
+    ("batch", ("slice", "data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("modulation", "tensor"),
+    ("embed_out", "tensor"),
+    ("qkv", None),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("text_embed", None),
+    ("time_embed", None),
+    ("in_channels", None),
+    ("out_channels", None),
+)
+
+MESH_AXES = ("slice", "data", "fsdp", "tensor")
+
+
+def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A training config around the denoiser config ``model`` (every field commented)."""
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.seed = 0                        # parameter init + noise/sigma RNG (data has data.seed)
+    c.num_steps = 1000                # optimizer steps of the run (a resumed run stops here too)
+    c.init_from = ""                  # "" = fresh init; diffusers folder, orbax layout of lens-convert,
+    #                                   or run:WORKDIR[:STEP] (raw weights of a lens-train run)
+    c.grad_accum_steps = 1            # micro-batches per optimizer step (rows split evenly)
+
+    c.data = default_data_config()
+
+    # --- devices and sharding
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.slice = 1                  # slices (pods) of a multi-slice run; DCN axis
+    c.mesh.data = 1                   # pure data parallelism (parameters replicated)
+    c.mesh.fsdp = -1                  # data parallel + parameters/optimizer/EMA sharded; -1 = the rest
+    c.mesh.tensor = 1                 # tensor parallelism (heads, MLP hidden)
+    c.mesh.num_devices = 0            # use the first N devices (0 = all)
+    c.rules = DEFAULT_RULES           # logical axis name -> mesh axes
+    c.distributed = "auto"            # jax.distributed.initialize: "auto" (env detection) | "yes" | "no"
+    c.coordinator_address = ""        # for distributed="yes" outside a managed cluster
+    c.num_processes = 0
+    c.process_id = -1
+
+    # --- objective (spec 5; flow matching, velocity target)
+    c.objective = ml_collections.ConfigDict()
+    c.objective.sigma_source = "device"   # "device": sample here; "pipeline": the batch's "sigma"
+    c.objective.sigma_loc = (1.0, 1.3)    # logit-normal location at sigma_tokens[0] / [1] image tokens
+    c.objective.sigma_tokens = (256, 4096)
+    c.objective.sigma_scale = 1.0         # logit-normal std [UNCONFIRMED upstream]
+    c.objective.sigma_buckets = (0.25, 0.5, 0.75)  # edges of the per-sigma loss metrics
+
+    # --- frozen encoders (or stand-ins)
+    c.image_encoder = ml_collections.ConfigDict()
+    c.image_encoder.kind = "dct"      # "dct": fixed orthonormal low-frequency DCT of each 16x16 patch
+    #                                   (stand-in, no VAE); "vae": the FLUX.2 VAE (path / "random")
+    c.image_encoder.path = ""         # kind="vae": diffusers VAE folder, or "random" (tiny random VAE)
+    c.image_encoder.scale = 0.125     # dct: multiply coefficients (DC of a [-1,1] patch is <= 16)
+    c.text_encoder = ml_collections.ConfigDict()
+    c.text_encoder.kind = "embedding" # "embedding": frozen random table per selected layer (stand-in)
+    #                                   | "gpt_oss": GPT-OSS features (path / "random")
+    c.text_encoder.path = ""
+    c.text_encoder.vocab_size = 256   # embedding: table rows (token ids must be below this)
+    c.text_encoder.seed = 1234        # embedding / random encoders: init seed
+    c.text_encoder.std = 1.0
+
+    # --- optimizer (AdamW; spec 5 stage 1: constant 2e-4, betas 0.9/0.999, clip 1.0)
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 2e-4
+    c.optimizer.schedule = "constant"  # "constant" | "cosine" (both after linear warmup)
+    c.optimizer.warmup_steps = 1000
+    c.optimizer.decay_steps = 0        # cosine: steps after warmup to reach end_lr (0: num_steps)
+    c.optimizer.end_lr_factor = 0.0    # cosine: final lr = lr * this
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.0     # [UNCONFIRMED upstream]; kernels only (no norms, no biases)
+    c.optimizer.grad_clip = 1.0        # global-norm clipping (0 = off)
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.9999               # 0 = no EMA kept (exported weights = raw)
+    c.ema.warmup = True                # decay_t = min(decay, (1 + t) / (10 + t))
+
+    # --- checkpoints (orbax)
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 1000          # save every N steps (and at the end, and on SIGTERM)
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.keep_period = 0       # also keep every step divisible by this (0 = off)
+    c.checkpoint.async_save = True
+    c.checkpoint.save_data_state = True
+
+    # --- what the user watches
+    c.logging = ml_collections.ConfigDict()
+    c.logging.every = 50               # metrics every N steps (metrics.jsonl, TensorBoard, console)
+    c.logging.tensorboard = True
+    c.logging.progress = True          # tqdm progress bar
+    c.logging.peak_flops_per_device = 0.0   # 0 = from the device table (docs/training.md)
+    c.logging.nan_check_every = 1      # host check of the loss for NaN/Inf
+
+    c.samples = ml_collections.ConfigDict()
+    c.samples.every = 0                # sample grid every M steps (0 = off)
+    c.samples.prompts = ("a red circle", "two blue squares", "a green star on a black background",
+                         "a yellow triangle in the upper left corner")
+    c.samples.height = 64
+    c.samples.width = 64
+    c.samples.steps = 20
+    c.samples.guidance = 4.0
+    c.samples.use_ema = True
+    c.samples.seed = 0
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.nan_at_step = -1           # test hook: make the loss of this step NaN
+    return c

@@ -1,0 +1,103 @@
+"""``lens-train export --workdir DIR [--step N] [--raw] --out DIR``: saved weights -> diffusers folder.
+
+Reads the run's ``config.json`` and restores only the wanted weights (EMA by default, or the raw
+parameters with ``--raw``) of a checkpoint as host numpy arrays (no optimizer state, no devices
+needed), then writes a diffusers ``LensTransformer2DModel`` folder with ``save_transformer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lens-train export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="training run directory (holds config.json, checkpoints/)")
+    p.add_argument("--step", type=int, default=-1, help="checkpoint step to export (default: the newest)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="ema", action="store_true", default=True,
+                         help="export the EMA weights (default; the raw ones when the run kept no EMA)")
+    weights.add_argument("--raw", dest="ema", action="store_false", help="export the raw (non-EMA) parameters")
+    p.add_argument("--out", required=True, help="output diffusers folder (written atomically)")
+    p.add_argument("--dtype", default="", help="tensor dtype in the folder: float32, bfloat16 (default: as trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
+def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The training config a run saved in ``workdir/config.json`` (model fields as tuples)."""
+    from lens_jax.models.config import transformer_config
+
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a lens-train run directory?")
+    raw = json.loads(path.read_text())
+    model = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["model"].items()}
+    config = ml_collections.ConfigDict(raw)
+    config.model = transformer_config(**model)
+    return config
+
+
+def restore_weights(workdir: str | Path, step: int = -1, ema: bool = True) -> tuple[dict, int, str]:
+    """``(nested dict of numpy arrays, step, "ema"|"params")`` from a run's checkpoint."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from lens_jax.models.transformer import abstract_model
+
+    config = run_config(workdir)
+    ckpt_dir = Path(workdir).absolute() / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}")
+    if step < 0:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir} (have {steps})")
+    name = "ema" if ema and float(config.ema.decay) > 0 else "params"
+    abstract = nnx.to_pure_dict(nnx.split(abstract_model(config.model))[1])
+    item = {name: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        out = checkpointer.restore(ckpt_dir / str(step) / "state",
+                                   args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                               partial_restore=True))
+    return out[name], step, name
+
+
+def export(workdir: str | Path, out: str | Path, step: int = -1, ema: bool = True, dtype: str = "",
+           overwrite: bool = False) -> Path:
+    from lens_jax.convert import keymap
+    from lens_jax.convert.transformer import model_from_params, save_transformer
+
+    config = run_config(workdir)
+    params, step, name = restore_weights(workdir, step, ema)
+    cfg = ml_collections.ConfigDict(config.model.to_dict())
+    cfg.param_dtype = str(np.asarray(next(iter(keymap.flatten(params).values()))).dtype)
+    cfg.dtype = cfg.param_dtype
+    model = model_from_params(cfg, keymap.flatten(params))
+    path = save_transformer(model, out, dtype=np.dtype(dtype) if dtype else None, overwrite=overwrite)
+    print(f"exported {name} weights of step {step} from {workdir} to {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        export(args.workdir, args.out, args.step, args.ema, args.dtype, args.overwrite)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lens-train export: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Device mesh (axes slice, data, fsdp, tensor) and parameter shardings from config."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lens_jax.sharding import logical_to_spec
+from lens_jax.train.config import MESH_AXES
+
+log = logging.getLogger(__name__)
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> bool:
+    """Calls ``jax.distributed.initialize`` for multi-host runs; returns whether it did.
+
+    ``config.distributed``: "no", "yes" (always; address/count/id from config or the cluster), or
+    "auto" (only when a cluster environment variable says there are several processes).
+    """
+    mode = config.distributed
+    if mode == "no":
+        return False
+    if mode == "auto":
+        multi = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+                 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+                 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+                 or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+                 or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")))
+        if not multi:
+            return False
+    elif mode != "yes":
+        raise ValueError(f"config.distributed={mode!r}: expected auto|yes|no")
+    kwargs = {}
+    if config.coordinator_address:
+        kwargs["coordinator_address"] = config.coordinator_address
+    if config.num_processes > 0:
+        kwargs["num_processes"] = int(config.num_processes)
+    if config.process_id >= 0:
+        kwargs["process_id"] = int(config.process_id)
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Resolves the one ``-1`` entry of the mesh config; checks the product equals ``num_devices``."""
+    sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {free}")
+    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"config.mesh: {num_devices} devices are not divisible by the fixed axes "
+                             f"{ {a: s for a, s in sizes.items() if s != -1} }")
+        sizes[free[0]] = num_devices // fixed
+    if int(np.prod(list(sizes.values()))) != num_devices:
+        raise ValueError(f"config.mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
+                         f"{num_devices} are used (config.mesh.num_devices / jax.devices())")
+    return sizes
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence | None = None) -> Mesh:
+    """A ``Mesh`` with axes (slice, data, fsdp, tensor) from ``config.mesh``.
+
+    Multi-slice (``slice > 1``) uses ``mesh_utils.create_hybrid_device_mesh`` so that only the
+    ``slice`` axis crosses the data-centre network.
+    """
+    if devices is None:
+        devices = jax.devices()
+        if mesh_config.num_devices > 0:
+            if mesh_config.num_devices > len(devices):
+                raise ValueError(f"config.mesh.num_devices={mesh_config.num_devices} but only "
+                                 f"{len(devices)} devices exist")
+            devices = devices[:mesh_config.num_devices]
+    sizes = mesh_shape(mesh_config, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if sizes["slice"] > 1:
+        from jax.experimental import mesh_utils
+
+        per_slice = (1,) + shape[1:]
+        dcn = (sizes["slice"], 1, 1, 1)
+        array = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices=devices)
+    else:
+        try:
+            from jax.experimental import mesh_utils
+
+            array = mesh_utils.create_device_mesh(shape, devices=devices)
+        except Exception:  # noqa: BLE001 - fake CPU devices / unusual topologies
+            array = np.asarray(devices).reshape(shape)
+    return Mesh(array, MESH_AXES)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """Mesh axes the batch (rows) is split over: every data-like axis."""
+    return tuple(a for a in ("slice", "data", "fsdp") if a in mesh.shape)
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (those dimensions are replicated)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        kept = []
+        size = 1
+        for a in names:
+            if dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules) -> dict:
+    """NamedShardings for a parameter tree from its logical-name specs (non-divisible dims replicated)."""
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _fit_spec(logical_to_spec(tuple(spec), rules, mesh),
+                                                      x.shape, mesh)),
+        logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    axes = batch_axes(mesh)
+    return NamedSharding(mesh, PartitionSpec(axes))

@@ -1,0 +1,119 @@
+"""What a user watches: metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow), and the
+analytic model FLOPs / MFU of a step (formula in docs/training.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from lens_jax.models import config as config_lib
+
+log = logging.getLogger(__name__)
+
+# Dense peak FLOP/s per device (bf16 matmul, no sparsity), by substring of ``device_kind``
+# (lower case; first match wins). Override with config.logging.peak_flops_per_device.
+PEAK_FLOPS = (
+    ("v6 lite", 918e12), ("v6e", 918e12),
+    ("v5p", 459e12),
+    ("v5 lite", 197e12), ("v5e", 197e12),
+    ("v4", 275e12),
+    ("h200", 989e12), ("h100", 989e12), ("gh200", 989e12),
+    ("b200", 2250e12),
+    ("a100", 312e12),
+    ("l4", 121e12),
+)
+
+
+def device_peak_flops(device=None) -> float:
+    """Peak FLOP/s of ``device`` (default: the first device) from the table; 0 when unknown (CPU)."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name, peak in PEAK_FLOPS:
+        if name in kind:
+            return peak
+    return 0.0
+
+
+class StepFlops:
+    """Model FLOPs of a training step, counted analytically from the real (non-padding) tokens.
+
+    Forward = 2 x multiply-adds of every matmul that touches a real token + attention
+    (``4 D n_seg^2`` per layer and segment: QK^T and AV, n_seg = image + text tokens of the
+    segment) + the per-segment timestep/modulation matmuls; training = 3 x forward
+    (backward = 2 x forward). Rematerialisation and padding are not counted (model FLOPs).
+    """
+
+    def __init__(self, model: ml_collections.ConfigDict):
+        d = config_lib.width(model)
+        f = config_lib.mlp_hidden(model)
+        layers = int(model.num_layers)
+        block = 4 * d * d + 3 * d * f                      # qkv (3D^2) + out (D^2) + SwiGLU (3DF)
+        self.per_image_token = 2 * (layers * block + 2 * model.in_channels * d)
+        self.per_text_token = 2 * (layers * block + len(model.selected_layer_index) * model.enc_hidden_dim * d)
+        self.per_segment = 2 * (layers * 12 * d * d + 2 * d * d + model.timestep_embed_dim * d + d * d)
+        self.per_attention_pair = 4 * d * layers
+
+    def forward_flops(self, image_tokens, text_tokens, segments, attention_pairs) -> float:
+        return float(self.per_image_token * image_tokens + self.per_text_token * text_tokens
+                     + self.per_segment * segments + self.per_attention_pair * attention_pairs)
+
+    def train_flops(self, image_tokens, text_tokens, segments, attention_pairs) -> float:
+        return 3.0 * self.forward_flops(image_tokens, text_tokens, segments, attention_pairs)
+
+    @staticmethod
+    def peak_per_device(override: float = 0.0) -> float:
+        return float(override) if override and override > 0 else device_peak_flops()
+
+
+class MetricWriter:
+    """Scalars to ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard; images too."""
+
+    def __init__(self, workdir: str | os.PathLike, cfg: ml_collections.ConfigDict, enabled: bool = True):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self.jsonl = open(self.workdir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and cfg.tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboardX is not installed: no TensorBoard event files "
+                            "(pip install tensorboardX)")
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: float(v) for k, v in scalars.items()})
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k if "/" in k else f"train/{k}", float(v), int(step))
+            self.tb.flush()
+
+    def write_image(self, step: int, name: str, image: np.ndarray, png_path: Path | None = None) -> None:
+        """``image`` uint8 ``[H, W, 3]``."""
+        if not self.enabled:
+            return
+        if png_path is not None:
+            from PIL import Image
+
+            png_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(png_path)
+        if self.tb is not None:
+            self.tb.add_image(name, image, int(step), dataformats="HWC")
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,38 @@
+"""A checkpoint written on one mesh restores onto another (8 devices FSDP -> 4 devices data parallel)."""
+
+import jax
+import numpy as np
+
+from tests.train.helpers import initial_state, tiny_config
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    from lens_jax.train.checkpoint import Checkpointer
+    from lens_jax.train.trainer import Trainer
+
+    config = tiny_config(zero_init_modulation=False)
+    config.mesh.update(num_devices=0, data=1, fsdp=8, tensor=1)
+    config.checkpoint.async_save = True
+    saver = Trainer(config)
+    state = initial_state(saver)
+    kernel = state["params"]["blocks"]["img_mlp_w1"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8 and "fsdp" in str(kernel.sharding.spec)
+    ckpt = Checkpointer(tmp_path / "checkpoints", config.checkpoint)
+    ckpt.save(7, state)
+    ckpt.wait()
+    ckpt.close()
+    expected = jax.device_get(state)
+
+    config4 = tiny_config(zero_init_modulation=False)
+    config4.mesh.update(num_devices=4, data=4, fsdp=1, tensor=1)
+    loader = Trainer(config4)
+    restored, step = Checkpointer(tmp_path / "checkpoints", config4.checkpoint).restore(loader.abstract_state())
+    assert step == 7
+    kernel = restored["params"]["blocks"]["img_mlp_w1"]["kernel"]
+    assert len(kernel.sharding.device_set) == 4
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None)
+    assert jax.tree.structure(restored) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(got, want)
+    for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(loader.state_shardings)):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)

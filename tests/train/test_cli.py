@@ -1,0 +1,142 @@
+"""End to end through ``python -m lens_jax.train.cli`` with the tiny config, in subprocesses:
+bitwise resume after SIGKILL, clean exit on SIGTERM, NaN stop, fallback from an unreadable
+checkpoint. A persistent compilation cache shares the step's compilation between the runs."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.train.helpers import cli_command, cli_env
+
+STEPS = 12
+COMMON = ("--config.logging.every=1", "--config.checkpoint.every=4", "--config.checkpoint.max_to_keep=3")
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = cli_env()
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    out = {}
+    for row in rows:
+        assert row["step"] not in out, f"step {row['step']} logged twice"
+        out[row["step"]] = row["loss"]
+    return out
+
+
+def _steps(workdir: Path) -> list[int]:
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _run(workdir, env, *overrides, check=True):
+    proc = subprocess.run(cli_command(workdir, *COMMON, *overrides), env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lens-train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _wait_for(predicate, proc, what: str, timeout: float = TIMEOUT):
+    start = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited ({proc.returncode}) before {what}:\n"
+                                 f"{proc.stderr.read()[-4000:] if proc.stderr else ''}")
+        if time.monotonic() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shapes_path, env):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    _run(workdir, env, f"--config.data.path={shapes_path}", f"--config.num_steps={STEPS}")
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert _steps(workdir) == [4, 8, 12]
+    return workdir, losses
+
+
+def test_resume_after_sigkill_is_bitwise(tmp_path, shapes_path, env, uninterrupted):
+    _, expected = uninterrupted
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(cli_command(workdir, *COMMON, f"--config.data.path={shapes_path}",
+                                        f"--config.num_steps={STEPS}"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: 4 in _steps(workdir), proc, "the first checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    logged = _losses(workdir)
+    assert max(logged) < STEPS, "the run finished before it could be killed"
+    _run(workdir, env, f"--config.data.path={shapes_path}", f"--config.num_steps={STEPS}")
+    got = _losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == expected[step], (step, got[step], expected[step])  # bitwise
+
+
+def test_sigterm_saves_current_step_and_exits(tmp_path, shapes_path, env):
+    workdir = tmp_path / "preempted"
+    proc = subprocess.Popen(cli_command(workdir, *COMMON, f"--config.data.path={shapes_path}",
+                                        "--config.num_steps=100000", "--config.checkpoint.every=100000",
+                                        "--config.logging.tensorboard=True", "--config.samples.every=2",
+                                        "--config.samples.steps=2", "--config.samples.height=32",
+                                        "--config.samples.width=48"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc,
+              "three logged steps")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-4000:]
+    last = max(_losses(workdir))
+    assert _steps(workdir) == [last]
+    assert "SIGTERM" in stderr
+    # what a user watches: TensorBoard event files and sample grids
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    from PIL import Image
+
+    grid = Image.open(sorted((workdir / "samples").glob("step_*.png"))[0])
+    assert grid.size[1] == 32 and grid.size[0] >= 4 * 48
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_path, env):
+    workdir = tmp_path / "nan"
+    proc = _run(workdir, env, f"--config.data.path={shapes_path}", f"--config.num_steps={STEPS}",
+                "--config.debug.nan_at_step=6", check=False)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "loss is nan at step 6" in proc.stderr
+    assert _steps(workdir) == [4]
+    assert max(_losses(workdir)) == 5
+
+
+def test_unreadable_newest_checkpoint_falls_back(tmp_path, shapes_path, env, uninterrupted):
+    import shutil
+
+    source, expected = uninterrupted
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(source, workdir)
+    for f in (workdir / "checkpoints" / "12" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    proc = _run(workdir, env, f"--config.data.path={shapes_path}", f"--config.num_steps={STEPS}")
+    assert "checkpoint at step 12 is unreadable" in proc.stdout + proc.stderr
+    assert _steps(workdir) == [4, 8, 12]
+    got = _losses(workdir)
+    for step in range(1, STEPS + 1):
+        assert got[step] == expected[step], step
+    assert any((workdir / "checkpoints_unreadable").iterdir())
