@@ -1,11 +1,12 @@
-# The two commands of the README: `make demo` (once it exists) and `make test`.
+# The two commands of the README: `make demo` (train a small Lens on the CPU, sample, score,
+# export: lens_jax/demo.py, docs/demo.md) and `make test`. `make ablation`: dense vs short captions.
 # Both create the virtual environment in .venv when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test venv clean bench
+.PHONY: test venv clean bench demo ablation
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,12 @@ venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS) tests
+
+demo: $(VENV)/.installed
+	$(PY) -m lens_jax.demo --out demo_out
+
+ablation: $(VENV)/.installed
+	$(PY) -m lens_jax.demo ablation --out ablation_out
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/denoiser.py

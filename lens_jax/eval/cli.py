@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None,
                    help="JSONL of lens-eval prompts: sidecars without a 'layout' (e.g. those of "
                         "lens-sample) are matched to it by their 'prompt' text")
+    p.add_argument("--prompt-kind", choices=("dense", "short", "auto"), default="dense",
+                   help="what the images were generated from: dense captions (default: every "
+                        "category applies), short captions (they name no positions: position "
+                        "and region, and colour of several objects, do not apply), or auto: per "
+                        "image, short when its sidecar's 'prompt' is its 'short_caption'")
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="score only the first N images (sorted by file name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,12 +105,25 @@ def _write_atomic(path: str, write) -> None:
             os.remove(tmp)
 
 
+def _sidecar_prompt_kind(image_path: str) -> str:
+    """"short" when the sidecar's ``prompt`` is its ``short_caption`` (and not its caption)."""
+    with open(os.path.splitext(image_path)[0] + ".json", encoding="utf-8") as f:
+        meta = json.load(f)
+    prompt = meta.get("prompt")
+    short = prompt is not None and prompt == meta.get("short_caption") != meta.get("caption")
+    return "short" if short else "dense"
+
+
 def run_layout(args: argparse.Namespace) -> int:
     from lens_jax.eval.layout import format_table, load_folder, read_prompts_file, score_images
 
     prompts = read_prompts_file(args.prompts) if args.prompts else None
     images, layouts, names = load_folder(args.folder, limit=args.limit, prompts=prompts)
-    report = score_images(images, layouts, names=names, show_progress=not args.no_progress)
+    kinds: str | list[str] = args.prompt_kind
+    if args.prompt_kind == "auto":
+        kinds = [_sidecar_prompt_kind(os.path.join(args.folder, n)) for n in names]
+    report = score_images(images, layouts, names=names, show_progress=not args.no_progress,
+                          prompt_kind=kinds)
     report["folder"] = os.path.abspath(args.folder)
     print(format_table(report))
     if args.out:

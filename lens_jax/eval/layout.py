@@ -384,10 +384,24 @@ def _in_region(center: tuple[float, float], position: str, width: int, height: i
             and row / 3 - tolerance <= y <= (row + 1) / 3 + tolerance)
 
 
+# Categories a short caption ("a red circle and two blue squares") gives no basis for: it names
+# no positions, so placement and location-matched colours are not asked of the model.
+SHORT_PROMPT_NOT_APPLICABLE = ("position", "region")
+PROMPT_KINDS = ("dense", "short")
+
+
 def score_image(image: np.ndarray, layout: dict[str, Any],
-                config: ScoreConfig = ScoreConfig()) -> dict[str, Any]:
+                config: ScoreConfig = ScoreConfig(), prompt_kind: str = "dense"
+                ) -> dict[str, Any]:
     """Per-category result of one image: ``{"categories": {name: True|False|None},
-    "detections": [...]}`` (None: the category does not apply to this prompt)."""
+    "detections": [...]}`` (None: the category does not apply to this prompt).
+
+    ``prompt_kind="short"``: the image was generated from the short caption, which names no
+    positions: ``position`` and ``region`` do not apply, and ``colour`` applies to 1-object
+    prompts only (for several objects it matches by location).
+    """
+    if prompt_kind not in PROMPT_KINDS:
+        raise ValueError(f"prompt_kind must be one of {PROMPT_KINDS}, got {prompt_kind!r}")
     image = _check_image(image)
     height, width = image.shape[:2]
     detections = detect_objects(image, layout, config)
@@ -437,6 +451,11 @@ def score_image(image: np.ndarray, layout: dict[str, Any],
                                         for o, d in zip(objects, by_color))
     else:
         results["colour_binding"] = None
+    if prompt_kind == "short":
+        for name in SHORT_PROMPT_NOT_APPLICABLE:
+            results[name] = None
+        if len(objects) > 1:
+            results["colour"] = None
     if not objects:  # an empty layout: nothing to find
         results = {name: None for name in CATEGORIES}
     return {"categories": {name: results[name] for name in CATEGORIES},
@@ -445,16 +464,21 @@ def score_image(image: np.ndarray, layout: dict[str, Any],
 
 def score_images(images: Sequence[np.ndarray], layouts: Sequence[dict[str, Any]],
                  names: Sequence[str] | None = None, config: ScoreConfig = ScoreConfig(),
-                 show_progress: bool = False) -> dict[str, Any]:
+                 show_progress: bool = False, prompt_kind: str | Sequence[str] = "dense"
+                 ) -> dict[str, Any]:
     """The report of a set of generated images against their prompts' layouts.
 
     ``{"version", "num_images", "categories": {name: {"score", "passed", "prompts",
     "description"}}, "overall" (mean of the applicable categories' scores), "config",
-    "per_image": [{"name", "categories", "detections"}]}``. A category with no applicable
-    prompt has score None.
+    "per_image": [{"name", "prompt_kind", "categories", "detections"}]}``. A category with no
+    applicable prompt has score None. ``prompt_kind``: "dense" (default) or "short" for every
+    image, or one per image (see ``score_image``).
     """
     if len(images) != len(layouts):
         raise ValueError(f"{len(images)} images but {len(layouts)} layouts")
+    kinds = [prompt_kind] * len(images) if isinstance(prompt_kind, str) else list(prompt_kind)
+    if len(kinds) != len(images):
+        raise ValueError(f"{len(kinds)} prompt kinds for {len(images)} images")
     if names is not None and len(names) != len(images):
         raise ValueError(f"{len(names)} names for {len(images)} images")
     iterator: Iterable[int] = range(len(images))
@@ -466,10 +490,11 @@ def score_images(images: Sequence[np.ndarray], layouts: Sequence[dict[str, Any]]
     for i in iterator:
         _check_layout(layouts[i], f"layout {i if names is None else names[i]}")
         try:
-            result = score_image(images[i], layouts[i], config)
+            result = score_image(images[i], layouts[i], config, kinds[i])
         except ValueError as e:
             raise ValueError(f"{names[i] if names is not None else f'image {i}'}: {e}") from None
-        per_image.append({"name": names[i] if names is not None else str(i), **result})
+        per_image.append({"name": names[i] if names is not None else str(i),
+                          "prompt_kind": kinds[i], **result})
     categories = {}
     for name, description in CATEGORIES.items():
         outcomes = [r["categories"][name] for r in per_image if r["categories"][name] is not None]

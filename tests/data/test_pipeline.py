@@ -247,6 +247,20 @@ def test_bucket_mode_rows_share_one_bucket(record_dir):
         make_pipeline(cfg, process_index=0, process_count=2)
 
 
+def test_aspect_ratio_filter_keeps_only_the_chosen_buckets(record_dir):
+    cfg = _tiny_config(path=record_dir, mode="bucket", num_epochs=1, rows_per_host=2,
+                       aspect_ratios=(4,))  # 1:1 only: every image is cropped to a square bucket
+    count = 0
+    for batch in make_pipeline(cfg):
+        valid = batch["segment_valid"][:, 0]
+        hw = batch["latent_hw"][valid, 0]
+        assert np.all(hw[:, 0] == hw[:, 1]), hw
+        count += int(valid.sum())
+    assert count == 24
+    with pytest.raises(ValueError, match="aspect_ratios"):
+        make_pipeline(_tiny_config(path=record_dir, aspect_ratios=(9,)))
+
+
 def test_caption_tokenizers(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -188,6 +188,31 @@ def test_synth_shapes_records_score_one(tmp_path):
     assert report["num_images"] == 12 and report["overall"] == 1.0, format_table(report)
 
 
+def test_short_prompts_skip_placement(prompts, layouts, tmp_path, capsys):
+    """Images from short captions (no positions named): moved objects are not penalised;
+    position and region do not apply, colour only to 1-object prompts."""
+    images = [render_layout(mirrored(p.layout)) for p in prompts]
+    report = score_images(images, layouts, prompt_kind="short")
+    got = scores(report)
+    assert got["position"] is None and got["region"] is None
+    assert report["categories"]["colour"]["prompts"] == NUM // 4
+    for name in ("object_present", "count", "colour", "single_object_colour"):
+        assert got[name] >= 0.95, (name, got[name])
+    assert "n/a" in format_table(report)
+    with pytest.raises(ValueError, match="prompt_kind"):
+        score_images(images[:1], layouts[:1], prompt_kind="medium")
+    # CLI --prompt-kind auto: short where the sidecar's prompt is its short caption.
+    render_eval_set(prompts[:4], tmp_path)
+    for i, p in enumerate(prompts[:4]):
+        write_sidecar(tmp_path / f"{i:05d}.json", p.layout, p.caption, p.short_caption,
+                      prompt=p.short_caption if i % 2 else p.caption)
+    out = tmp_path / "report.json"
+    assert cli.main(["layout", str(tmp_path), "--prompt-kind", "auto", "--out", str(out),
+                     "--no-progress"]) == 0
+    kinds = [r["prompt_kind"] for r in json.loads(out.read_text())["per_image"]]
+    assert kinds == ["dense", "short", "dense", "short"]
+
+
 def test_bad_inputs_are_named():
     layout = make_eval_set(1, seed=0)[0].layout
     with pytest.raises(ValueError, match="uint8"):

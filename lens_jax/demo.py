@@ -1,0 +1,533 @@
+"""The newcomer demo (``make demo``): train a small Lens on a CPU and watch it learn to follow prompts.
+
+  python -m lens_jax.demo --out demo_out                       # the whole demo (make demo)
+  python -m lens_jax.demo ablation --out ablation_out          # dense vs short captions
+
+``run`` (the default) does, one stage after another, with the project's own tools:
+
+1. data: ``lens-data synth-shapes`` writes the training records (seed 0) and a held-out split
+   (seed 1), and ``lens-eval prompts`` the held-out evaluation prompts (a disjoint seed stream);
+2. train: ``lens-train --config configs/demo.py`` on the CPU (tqdm bar with the time left;
+   resumes when ``--out`` already holds the run);
+3. held-out loss of the initial and the trained (EMA) weights (``lens_jax.train.evaluate``);
+4. sample: the trained (EMA) model and the untrained model at init, on every evaluation prompt,
+   from the same noise (Euler sampler of ``lens_jax.sampling`` with classifier-free guidance),
+   decoded with the run's image encoder; a grid (ground truth / trained / untrained);
+5. score both sample folders with ``lens-eval layout``;
+6. export the EMA weights to a diffusers folder (``lens-train export``), load it back with
+   ``lens_jax.load_transformer`` and check that its output equals the trained model's;
+7. print where every output is; ``summary.json`` keeps the figures (stage times, scores).
+
+``ablation`` trains the model of ``configs/ablation_captions.py`` twice, on the dense and on the
+short captions, samples each on the same held-out layouts (each prompted in the caption style it
+was trained on) and compares their ``lens-eval layout`` scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.py"
+ABLATION_CONFIG = REPO_ROOT / "configs" / "ablation_captions.py"
+CATEGORIES = ("object_present", "count", "colour", "single_object_colour", "shape", "position",
+              "region", "colour_binding")
+TARGET_SINGLE_OBJECT_COLOUR = 0.8
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _stage(title: str) -> None:
+    _say(f"\n=== {title} " + "=" * max(3, 76 - len(title)))
+
+
+def _command(args: Sequence[str]) -> None:
+    _say("$ " + " ".join(str(a) for a in args))
+
+
+def load_config(path: str | os.PathLike, arg: str | None = None):
+    """``get_config()`` (or ``get_config(arg)``) of a config file, loaded by path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    if str(path.resolve().parents[1]) not in sys.path:
+        sys.path.insert(0, str(path.resolve().parents[1]))
+    spec = importlib.util.spec_from_file_location(f"_lens_demo_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def apply_overrides(config, overrides: Sequence[str]):
+    """``FIELD.SUB=VALUE`` strings (Python literals, else strings) -> config fields."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. num_steps=100)")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            if name not in node:
+                raise ValueError(f"--set {item!r}: the config has no field {key!r}")
+            node = node[name]
+        if leaf not in node:
+            raise ValueError(f"--set {item!r}: the config has no field {key!r}")
+        node[leaf] = value
+    return config
+
+
+def _setup_logging() -> None:
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    ours = logging.getLogger("lens_jax")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeError(f"{what} failed with exit status {rc}")
+
+
+def data_sizes(config) -> tuple[int, tuple[int, ...]]:
+    """``(base size, bucket groups)`` of the records and prompts that match the config's buckets:
+    the pipeline's buckets are the bases ``data.base_sizes`` scaled by ``data.bucket_scale``."""
+    return round(512 * float(config.data.bucket_scale)), tuple(int(b) for b in config.data.base_sizes)
+
+
+# ----------------------------------------------------------------------------- stages
+
+def make_records(out: Path, num: int, seed: int, base_size: int, groups: Sequence[int]) -> Path:
+    """``lens-data synth-shapes`` (reused when ``out`` already holds the same records)."""
+    from lens_jax.data import cli as data_cli
+    from lens_jax.data.records import read_manifest
+
+    manifest = read_manifest(out) if out.exists() else None
+    wanted = {"seed": seed, "num": num, "base_size": base_size, "groups": list(groups)}
+    if manifest and all(manifest.get("synth_shapes", {}).get(k) == v for k, v in wanted.items()):
+        _say(f"reusing {out} ({num} records, seed {seed})")
+        return out
+    argv = ["synth-shapes", "--out", str(out), "--num", str(num), "--seed", str(seed),
+            "--base-size", str(base_size), "--groups", ",".join(str(g) for g in groups), "--overwrite"]
+    _command(["lens-data"] + argv)
+    _check(data_cli.main(argv), "lens-data synth-shapes")
+    return out
+
+
+def make_prompts(path: Path, num: int, base_size: int, groups: Sequence[int], seed: int = 0) -> list[dict]:
+    """``lens-eval prompts`` -> the JSONL lines (held-out layouts with dense and short captions)."""
+    from lens_jax.eval import cli as eval_cli
+
+    argv = ["prompts", "--num", str(num), "--seed", str(seed), "--base-size", str(base_size),
+            "--groups", ",".join(str(g) for g in groups), "--out", str(path)]
+    _command(["lens-eval"] + argv)
+    _check(eval_cli.main(argv), "lens-eval prompts")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_run(config, workdir: Path, config_path: Path, overrides: Sequence[str]) -> None:
+    """``lens-train --config CONFIG --workdir DIR`` in this process (resumes an existing run)."""
+    from lens_jax.train.trainer import train
+
+    _command(["lens-train", "--config", str(config_path), "--workdir", str(workdir)]
+             + [f"--config.{o}" for o in overrides])
+    _say(f"model: {config.model.num_layers} blocks, width "
+         f"{config.model.num_attention_heads * config.model.attention_head_dim}, "
+         f"{config.model.in_channels}-channel {config.image_encoder.kind} latents, "
+         f"{config.text_encoder.kind} text features; {config.num_steps} steps of "
+         f"{config.data.rows_per_host} packed rows; captions: "
+         f"{'short' if config.data.short_caption_prob >= 0.5 else 'dense'}")
+    train(config, workdir)
+
+
+def heldout_loss(workdir: Path, data: Path, batches: int) -> dict[str, float]:
+    """Mean held-out loss over sigma 0.1..0.9 of the initial and the trained (EMA) weights."""
+    from lens_jax.train import evaluate
+
+    path = workdir / "heldout_loss.json"
+    argv = ["--workdir", str(workdir), "--data", str(data), "--steps", "0,last", "--ema",
+            "--batches", str(batches), "--json", str(path)]
+    _command(["python", "-m", "lens_jax.train.evaluate"] + argv)
+    _check(evaluate.main(argv), "lens_jax.train.evaluate")
+    raw = json.loads(path.read_text())
+    return {("init" if step == "0" else f"step_{step}_ema"): float(np.mean(list(v.values())))
+            for step, v in raw.items()}
+
+
+class Sampler:
+    """Samples a run's models (trained EMA weights / weights at init) on evaluation prompts."""
+
+    def __init__(self, workdir: Path, steps: int, guidance: float, seed: int = 0, batch: int = 8):
+        import jax
+
+        from lens_jax.train.export import restore_weights, run_config
+        from lens_jax.train.trainer import Trainer
+
+        config = run_config(workdir)
+        config.mesh.num_devices = 1
+        config.mesh.update(slice=1, data=1, fsdp=1, tensor=1)
+        self.config = config
+        self.trainer = Trainer(config)
+        self.params = {}
+        self.params["trained"], self.step, self.weights = restore_weights(workdir, -1, ema=True)
+        self.params["untrained"] = jax.device_get(self.trainer.init_state()["params"])
+        self.steps, self.guidance, self.seed, self.batch = int(steps), float(guidance), int(seed), int(batch)
+
+    def model(self, which: str):
+        from flax import nnx
+
+        return nnx.merge(self.trainer.graphdef, self.params[which])
+
+    def _features(self, texts: list[str]):
+        import jax.numpy as jnp
+
+        from lens_jax.train.samples import prompt_features
+
+        feats, mask = prompt_features(self.config, self.trainer.frozen, texts)
+        length = -(-mask.shape[1] // 64) * 64  # pad to a multiple of 64: few compiled programs
+        pad = length - mask.shape[1]
+        feats = [jnp.pad(f, ((0, 0), (0, pad), (0, 0))) for f in feats]
+        return feats, jnp.pad(mask, ((0, 0), (0, pad)))
+
+    def sample(self, which: str, texts: list[str], indices: list[int], width: int, height: int
+               ) -> np.ndarray:
+        """uint8 ``[len(texts), height, width, 3]``; image k starts from noise (seed, indices[k])."""
+        from lens_jax.sampling.denoise import denoise, initial_noise
+        from lens_jax.sampling.scheduler import sigmas_for
+        from lens_jax.train.samples import decode_latents
+
+        hw = (height // 16, width // 16)
+        n = hw[0] * hw[1]
+        model = self.model(which)
+        out = []
+        for start in range(0, len(texts), self.batch):
+            chunk, idx = texts[start:start + self.batch], indices[start:start + self.batch]
+            fill = self.batch - len(chunk)  # same batch size always: one program per size
+            feats, mask = self._features(chunk + [""] * fill)
+            noise = initial_noise(self.seed, idx + [0] * fill, n, int(self.config.model.in_channels))
+            latents = denoise(model, noise, feats, mask, sigmas_for(self.steps, n), self.guidance, hw)
+            out.append(decode_latents(self.config, self.trainer.frozen, latents, hw)[:len(chunk)])
+        return np.concatenate(out)
+
+
+def sample_prompts(sampler: Sampler, which: str, prompts: list[dict], prompt_key: str, folder: Path
+                   ) -> list[np.ndarray]:
+    """Samples every prompt at its size into ``folder`` (NAME.png + NAME.json sidecar)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from lens_jax.eval.layout import write_sidecar
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images: list[np.ndarray | None] = [None] * len(prompts)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_size.setdefault((int(p["width"]), int(p["height"])), []).append(i)
+    with tqdm(total=len(prompts), desc=f"sample {which}", unit="img", dynamic_ncols=True) as bar:
+        for (width, height), members in sorted(by_size.items()):
+            texts = [prompts[i][prompt_key] for i in members]
+            for i, image in zip(members, sampler.sample(which, texts, members, width, height)):
+                images[i] = image
+                name = f"{i:05d}"
+                Image.fromarray(image).save(folder / f"{name}.png")
+                p = prompts[i]
+                write_sidecar(folder / f"{name}.json", p["layout"], p["caption"], p["short_caption"],
+                              prompt=p[prompt_key], index=i, model=which, step=sampler.step,
+                              steps=sampler.steps, guidance=sampler.guidance, seed=sampler.seed)
+            bar.update(len(members))
+    return images
+
+
+def save_grid(path: Path, rows: dict[str, list[np.ndarray]], texts: list[str]) -> Path:
+    """One column per prompt, one labelled row per model; prompts listed in ``path.txt``."""
+    from PIL import Image, ImageDraw
+
+    cell = max(max(im.shape[0], im.shape[1]) for row in rows.values() for im in row)
+    label_w, pad = 70, 4
+    cols = len(texts)
+    canvas = Image.new("RGB", (label_w + cols * (cell + pad), len(rows) * (cell + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows.items()):
+        y = r * (cell + pad)
+        draw.text((4, y + cell // 2 - 5), label, fill=(0, 0, 0))
+        for c, im in enumerate(images):
+            h, w = im.shape[:2]
+            canvas.paste(Image.fromarray(im), (label_w + c * (cell + pad) + (cell - w) // 2, y + (cell - h) // 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    path.with_suffix(".txt").write_text("".join(f"column {c}: {t}\n" for c, t in enumerate(texts)))
+    return path
+
+
+def score_folder(folder: Path, out: Path) -> dict[str, Any]:
+    """``lens-eval layout FOLDER --out OUT`` -> the report."""
+    from lens_jax.eval import cli as eval_cli
+
+    argv = ["layout", str(folder), "--out", str(out), "--no-progress"]
+    _command(["lens-eval"] + argv)
+    _check(eval_cli.main(argv), "lens-eval layout")
+    return json.loads(out.read_text())
+
+
+def compare_table(reports: dict[str, dict[str, Any]]) -> str:
+    names = list(reports)
+    lines = [f"{'category':<22}" + "".join(f"{n:>12}" for n in names), "-" * (22 + 12 * len(names))]
+    for cat in CATEGORIES:
+        lines.append(f"{cat:<22}" + "".join(
+            f"{reports[n]['categories'][cat]['score']:>12.3f}" for n in names))
+    lines.append(f"{'overall':<22}" + "".join(f"{reports[n]['overall']:>12.3f}" for n in names))
+    return "\n".join(lines)
+
+
+def export_and_check(workdir: Path, out: Path, sampler: Sampler) -> dict[str, Any]:
+    """``lens-train export`` the EMA weights, reload with ``lens_jax.load_transformer``, compare."""
+    import jax
+    import jax.numpy as jnp
+
+    import lens_jax
+    from lens_jax.train import export as export_cli
+
+    argv = ["--workdir", str(workdir), "--out", str(out), "--overwrite"]
+    _command(["lens-train", "export"] + argv)
+    _check(export_cli.main(argv), "lens-train export")
+    reloaded = lens_jax.load_transformer(str(out))
+    trained = sampler.model("trained")
+    cfg = sampler.config.model
+    rng = np.random.default_rng(0)
+    hw, n_txt, b = (3, 4), 7, 2
+    latents = jnp.asarray(rng.standard_normal((b, hw[0] * hw[1], cfg.in_channels)), jnp.float32)
+    feats = [jnp.asarray(rng.standard_normal((b, n_txt, cfg.enc_hidden_dim)), jnp.float32)
+             for _ in cfg.selected_layer_index]
+    mask = jnp.asarray(np.arange(n_txt)[None, :] < np.array([[n_txt], [4]]))
+    t = jnp.asarray([0.3, 0.8], jnp.float32)
+    expected = np.asarray(trained(latents, feats, t, latent_hw=hw, text_mask=mask))
+    got = np.asarray(reloaded(latents, feats, t, latent_hw=hw, text_mask=mask))
+    err = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+    ok = bool(err <= 1e-6)
+    _say(f"reloaded {out} with lens_jax.load_transformer: output vs the trained EMA model on a fixed "
+         f"input: max relative error {err:.2e} ({'equal' if ok else 'DIFFERENT'}); "
+         f"{sum(x.size for x in jax.tree.leaves(sampler.params['trained'])):,} parameters")
+    if not ok:
+        raise RuntimeError(f"the exported folder {out} does not reproduce the trained model "
+                           f"(max relative error {err:.2e})")
+    return {"max_rel_err": err, "equal": ok}
+
+
+# ----------------------------------------------------------------------------- run
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    _setup_logging()
+    out = Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    config_path = Path(args.config)
+    config = apply_overrides(load_config(config_path), args.set)
+    base_size, groups = data_sizes(config)
+    prompt_key = "short_caption" if config.data.short_caption_prob >= 0.5 else "caption"
+
+    _stage("1/7 data: synthetic shapes records and held-out prompts")
+    t = time.perf_counter()
+    train_dir = make_records(out / "data" / "train", args.train_num, 0, base_size, groups)
+    heldout_dir = make_records(out / "data" / "heldout", args.heldout_num, 1, base_size, groups)
+    prompts = make_prompts(out / "eval_prompts.jsonl", args.eval_num, base_size, groups)
+    timings["data"] = time.perf_counter() - t
+
+    _stage("2/7 train on the CPU")
+    t = time.perf_counter()
+    workdir = out / "run"
+    config.data.path = str(train_dir)
+    train_run(config, workdir, config_path, list(args.set) + [f"data.path={train_dir}"])
+    timings["train"] = time.perf_counter() - t
+    metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+    _stage("3/7 held-out loss (sigma 0.1..0.9), initial vs trained weights")
+    t = time.perf_counter()
+    losses = heldout_loss(workdir, heldout_dir, args.heldout_batches)
+    timings["heldout_loss"] = time.perf_counter() - t
+
+    _stage(f"4/7 sample {len(prompts)} held-out prompts: trained (EMA) and untrained (init) model")
+    t = time.perf_counter()
+    sampler = Sampler(workdir, args.sample_steps, args.guidance)
+    folders = {"trained": out / "samples" / "trained", "untrained": out / "samples" / "untrained"}
+    images = {which: sample_prompts(sampler, which, prompts, prompt_key, folder)
+              for which, folder in folders.items()}
+    from lens_jax.data.synth_shapes import render_layout
+
+    g = min(args.grid, len(prompts))
+    truth = [render_layout(p["layout"], p["width"], p["height"]) for p in prompts[:g]]
+    grid = save_grid(out / "grid.png", {"truth": truth, "trained": images["trained"][:g],
+                                        "untrained": images["untrained"][:g]},
+                     [p[prompt_key] for p in prompts[:g]])
+    _say(f"wrote {grid} (rows: ground truth, trained, untrained; prompts in {grid.with_suffix('.txt')})")
+    timings["sample"] = time.perf_counter() - t
+
+    _stage("5/7 score with lens-eval layout")
+    t = time.perf_counter()
+    reports = {which: score_folder(folder, out / f"scores_{which}.json") for which, folder in folders.items()}
+    table = compare_table(reports)
+    _say("\n" + table)
+    trained_soc = reports["trained"]["categories"]["single_object_colour"]["score"]
+    untrained_soc = reports["untrained"]["categories"]["single_object_colour"]["score"]
+    met = trained_soc >= TARGET_SINGLE_OBJECT_COLOUR
+    _say(f"single-object colour: trained {trained_soc:.3f} vs untrained {untrained_soc:.3f} "
+         f"(target >= {TARGET_SINGLE_OBJECT_COLOUR}: {'met' if met else 'NOT met'})")
+    timings["score"] = time.perf_counter() - t
+
+    _stage("6/7 export the EMA weights to a diffusers folder and load them back")
+    t = time.perf_counter()
+    exported = out / "export" / "transformer"
+    check = export_and_check(workdir, exported, sampler)
+    timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+
+    summary = {
+        "config": str(config_path), "overrides": list(args.set), "num_steps": int(config.num_steps),
+        "prompt_key": prompt_key, "sample_steps": args.sample_steps, "guidance": args.guidance,
+        "final_train_loss": metrics[-1]["loss"] if metrics else None, "heldout_loss": losses,
+        "scores": {which: {c: r["categories"][c]["score"] for c in CATEGORIES} | {"overall": r["overall"]}
+                   for which, r in reports.items()},
+        "single_object_colour_target_met": met, "export_check": check,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "outputs": {
+            "train_records": str(train_dir), "heldout_records": str(heldout_dir),
+            "eval_prompts": str(out / "eval_prompts.jsonl"), "workdir": str(workdir),
+            "metrics": str(workdir / "metrics.jsonl"), "tensorboard": str(workdir / "tensorboard"),
+            "training_sample_grids": str(workdir / "samples"), "grid": str(grid),
+            "samples_trained": str(folders["trained"]), "samples_untrained": str(folders["untrained"]),
+            "scores_trained": str(out / "scores_trained.json"),
+            "scores_untrained": str(out / "scores_untrained.json"),
+            "heldout_loss": str(workdir / "heldout_loss.json"),
+            "exported_transformer": str(exported), "summary": str(out / "summary.json")},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    _stage("7/7 done: where everything is")
+    for k, v in summary["outputs"].items():
+        _say(f"  {k:<22} {v}")
+    _say("  " + "  ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items()))
+    _say(f"  held-out loss: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+    _say(f"  tensorboard --logdir {workdir / 'tensorboard'}   (if TensorBoard is installed)")
+    return summary
+
+
+# ----------------------------------------------------------------------------- ablation
+
+def ablation(args: argparse.Namespace) -> dict[str, Any]:
+    _setup_logging()
+    out = Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    arms = ("dense", "short")
+    timings: dict[str, float] = {}
+    configs = {arm: apply_overrides(load_config(args.config, arm), args.set) for arm in arms}
+    base_size, groups = data_sizes(configs["dense"])
+
+    _stage("data: synthetic shapes records and held-out prompts")
+    t = time.perf_counter()
+    train_dir = make_records(out / "data" / "train", args.train_num, 0, base_size, groups)
+    prompts = make_prompts(out / "eval_prompts.jsonl", args.eval_num, base_size, groups)
+    timings["data"] = time.perf_counter() - t
+
+    reports = {}
+    for arm in arms:
+        config = configs[arm]
+        config.data.path = str(train_dir)
+        _stage(f"train on the {arm} captions")
+        t = time.perf_counter()
+        workdir = out / f"run_{arm}"
+        train_run(config, workdir, Path(f"{args.config}:{arm}"), list(args.set) + [f"data.path={train_dir}"])
+        timings[f"train_{arm}"] = time.perf_counter() - t
+        _stage(f"sample and score the {arm}-caption model")
+        t = time.perf_counter()
+        sampler = Sampler(workdir, args.sample_steps, args.guidance)
+        key = "caption" if arm == "dense" else "short_caption"
+        sample_prompts(sampler, "trained", prompts, key, out / "samples" / arm)
+        reports[arm] = score_folder(out / "samples" / arm, out / f"scores_{arm}.json")
+        timings[f"sample_score_{arm}"] = time.perf_counter() - t
+
+    table = compare_table(reports)
+    _stage("dense vs short captions (same held-out layouts; each model prompted in its own style)")
+    _say(table)
+    summary = {"config": str(args.config), "overrides": list(args.set),
+               "num_steps": {arm: int(configs[arm].num_steps) for arm in arms},
+               "scores": {arm: {c: r["categories"][c]["score"] for c in CATEGORIES} | {"overall": r["overall"]}
+                          for arm, r in reports.items()},
+               "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "outputs": {"train_records": str(train_dir), "eval_prompts": str(out / "eval_prompts.jsonl"),
+                           **{f"workdir_{a}": str(out / f"run_{a}") for a in arms},
+                           **{f"samples_{a}": str(out / "samples" / a) for a in arms},
+                           **{f"scores_{a}": str(out / f"scores_{a}.json") for a in arms}}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _say(f"wrote {out / 'summary.json'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lens_jax.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+
+    def common(q: argparse.ArgumentParser, config: Path, out: str) -> None:
+        q.add_argument("--out", default=out, help=f"output folder (default {out}); an existing "
+                       "one is reused: same records are kept, a finished run is not retrained")
+        q.add_argument("--config", default=str(config), help=f"training config file (default {config})")
+        q.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override a config field, e.g. --set num_steps=200 (repeatable)")
+        q.add_argument("--train-num", type=int, default=4000, help="training records (default 4000)")
+        q.add_argument("--eval-num", type=int, default=100,
+                       help="held-out evaluation prompts, 1-4 objects in equal shares (default 100)")
+        q.add_argument("--sample-steps", type=int, default=20, help="Euler steps per sample (default 20)")
+        q.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default 4)")
+
+    r = sub.add_parser("run", help="the whole demo (default)")
+    common(r, DEFAULT_CONFIG, "demo_out")
+    r.add_argument("--heldout-num", type=int, default=200, help="held-out records (default 200)")
+    r.add_argument("--heldout-batches", type=int, default=4, help="held-out loss batches (default 4)")
+    r.add_argument("--grid", type=int, default=12, help="prompts in grid.png (default 12)")
+    a = sub.add_parser("ablation", help="dense vs short captions")
+    common(a, ABLATION_CONFIG, "ablation_out")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "ablation", "-h", "--help"):
+        argv = ["run"] + argv
+    args = build_parser().parse_args(argv)
+    try:
+        (ablation if args.command == "ablation" else run)(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"lens_jax.demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The newcomer demo (lens_jax/demo.py, ``make demo``) end to end at a minimal size.
+
+A few training steps on 40 tiny records, 4 evaluation prompts, 2 sampler steps: checks that every
+output the demo promises exists and is well formed (the real run's scores are in docs/demo.md).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lens_jax import demo
+
+CATEGORIES = ("object_present", "count", "colour", "single_object_colour", "shape", "position",
+              "region", "colour_binding")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    argv = ["--out", str(out), "--train-num", "40", "--heldout-num", "16", "--eval-num", "4",
+            "--sample-steps", "2", "--heldout-batches", "1", "--grid", "4",
+            "--set", "num_steps=3", "--set", "data.rows_per_host=2", "--set", "logging.every=1",
+            "--set", "samples.every=0"]
+    assert demo.main(argv) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_outputs_exist(demo_run):
+    out, summary = demo_run
+    o = {k: Path(v) for k, v in summary["outputs"].items()}
+    for key in ("train_records", "heldout_records"):
+        assert (o[key] / "lens_records.json").is_file(), key
+    prompts = [json.loads(l) for l in o["eval_prompts"].read_text().splitlines()]
+    assert len(prompts) == 4
+    metrics = [json.loads(l) for l in o["metrics"].read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
+    assert any(o["tensorboard"].iterdir())
+    grid = np.asarray(Image.open(o["grid"]))
+    assert grid.ndim == 3 and grid.shape[1] > grid.shape[0]
+    for which in ("trained", "untrained"):
+        pngs = sorted(o[f"samples_{which}"].glob("*.png"))
+        assert len(pngs) == 4
+        for png, p in zip(pngs, prompts):
+            assert Image.open(png).size == (p["width"], p["height"])
+            side = json.loads(png.with_suffix(".json").read_text())
+            assert side["layout"] == p["layout"] and side["model"] == which
+        report = json.loads(o[f"scores_{which}"].read_text())
+        assert set(CATEGORIES) <= set(report["categories"]) and report["num_images"] == 4
+        assert set(CATEGORIES) | {"overall"} == set(summary["scores"][which])
+    losses = json.loads(o["heldout_loss"].read_text())
+    assert set(losses) == {"0", "3"}
+    assert set(summary["timings_s"]) >= {"data", "train", "heldout_loss", "sample", "score", "export", "total"}
+
+
+def test_export_loads_back(demo_run):
+    out, summary = demo_run
+    folder = Path(summary["outputs"]["exported_transformer"])
+    assert (folder / "config.json").is_file()
+    assert summary["export_check"]["equal"] and summary["export_check"]["max_rel_err"] <= 1e-6
+    import lens_jax
+
+    model = lens_jax.load_transformer(str(folder))
+    assert model.config.in_channels == summary_model_channels(out)
+
+
+def summary_model_channels(out: Path) -> int:
+    return json.loads((out / "run" / "config.json").read_text())["model"]["in_channels"]
+
+
+def test_rerun_reuses_finished_run(demo_run, capsys):
+    """A second run in the same folder reuses the records and does not retrain."""
+    out, summary = demo_run
+    from lens_jax.demo import make_records
+
+    make_records(Path(summary["outputs"]["train_records"]), 40, 0, *demo.data_sizes(demo.load_config(demo.DEFAULT_CONFIG)))
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_bad_override_is_reported(tmp_path, capsys):
+    assert demo.main(["--out", str(tmp_path), "--set", "no_such_field=1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err
