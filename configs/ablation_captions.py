@@ -1,7 +1,8 @@
 # Dense vs short captions at toy scale (the paper's central claim), one command:
 #   python -m lens_jax.demo ablation --out ablation_out          (or: make ablation)
 # One arm by hand (ARM = dense | short):
-#   lens-train --config configs/ablation_captions.py:dense --workdir runs/dense --config.data.path=DIR
+#   lens-train --config configs/ablation_captions.py:dense --workdir runs/dense --config.data.path=DIR \
+#       --config.data.tokenizer=json:ablation_out/word_tokenizer.json   (written by the command above)
 """The demo model (configs/demo.py) trained on one caption type only.
 
 ``get_config("dense")``: always the dense caption (60-120 words: every object's colour, size, shape
@@ -28,9 +29,13 @@ def get_config(arm: str = "dense") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/ablation_captions.py:{arm}: expected one of {sorted(ARMS)}")
     config = demo.get_config()
     config.data.short_caption_prob = ARMS[arm]
-    # dense captions are up to ~700 bytes (the byte tokenizer): room for them in the caption and
-    # in each packed row's text stream
-    config.data.caption_length = 768
-    config.data.text_tokens = 1536
+    # Word tokens for both arms: a dense caption is ~110 words (~530 UTF-8 bytes), so with the byte
+    # tokenizer the dense arm would cost ~20x the short one per step. "words" is replaced by the
+    # driver with json:OUT/word_tokenizer.json (lens_jax.demo.write_word_tokenizer: ~120 words of
+    # the synth-shapes captions); by hand, pass --config.data.tokenizer=json:FILE.
+    config.data.tokenizer = "words"
+    config.data.caption_length = 160  # dense captions: at most ~145 words and punctuation
+    config.data.text_tokens = 512     # ~4 dense captions per packed row
+    config.text_encoder.vocab_size = 256
     config.samples.every = 0
     return config

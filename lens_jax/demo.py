@@ -163,6 +163,37 @@ def train_run(config, workdir: Path, config_path: Path, overrides: Sequence[str]
          f"{config.data.rows_per_host} packed rows; captions: "
          f"{'short' if config.data.short_caption_prob >= 0.5 else 'dense'}")
     train(config, workdir)
+    ckpt = workdir / "checkpoints"
+    done = max((int(p.name) for p in ckpt.iterdir() if p.name.isdigit()), default=0) if ckpt.exists() else 0
+    if done < int(config.num_steps):
+        raise RuntimeError(f"training stopped at step {done} of {config.num_steps} (interrupted?); "
+                           f"run the same command again to resume it")
+
+
+def write_word_tokenizer(path: Path, num_layouts: int = 3000, seed: int = 777) -> Path:
+    """A word-level ``tokenizer.json`` (lower case, ``Whitespace`` pre-tokenizer, ``[UNK]`` = 0)
+    over every word of the synth-shapes captions (dense and short) of ``num_layouts`` layouts:
+    about 120 words, so a dense caption is ~110 tokens instead of ~530 bytes."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from lens_jax.data.synth_shapes import bucket_sizes, caption_dense, caption_short, sample_layout
+
+    pre = pre_tokenizers.Whitespace()
+    sizes = bucket_sizes(512)
+    words: set[str] = set()
+    for i in range(num_layouts):
+        width, height = sizes[i % len(sizes)]
+        layout = sample_layout(np.random.default_rng([seed, i]), width, height)
+        for caption in (caption_dense(layout), caption_short(layout)):
+            words.update(w for w, _ in pre.pre_tokenize_str(caption.lower()))
+    vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(sorted(words))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    _say(f"wrote {path} (word-level tokenizer, {len(vocab)} entries)")
+    return path
 
 
 def heldout_loss(workdir: Path, data: Path, batches: int) -> dict[str, float]:
@@ -446,6 +477,12 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
     configs = {arm: apply_overrides(load_config(args.config, arm), args.set) for arm in arms}
     base_size, groups = data_sizes(configs["dense"])
+    words = None
+    if any(c.data.tokenizer == "words" for c in configs.values()):
+        words = write_word_tokenizer(out / "word_tokenizer.json")
+        for c in configs.values():
+            if c.data.tokenizer == "words":
+                c.data.tokenizer = f"json:{words}"
 
     _stage("data: synthetic shapes records and held-out prompts")
     t = time.perf_counter()
@@ -460,7 +497,8 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
         _stage(f"train on the {arm} captions")
         t = time.perf_counter()
         workdir = out / f"run_{arm}"
-        train_run(config, workdir, Path(f"{args.config}:{arm}"), list(args.set) + [f"data.path={train_dir}"])
+        train_run(config, workdir, Path(f"{args.config}:{arm}"), list(args.set) + [f"data.path={train_dir}"]
+                  + ([f"data.tokenizer=json:{words}"] if words else []))
         timings[f"train_{arm}"] = time.perf_counter() - t
         _stage(f"sample and score the {arm}-caption model")
         t = time.perf_counter()
@@ -504,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--eval-num", type=int, default=100,
                        help="held-out evaluation prompts, 1-4 objects in equal shares (default 100)")
         q.add_argument("--sample-steps", type=int, default=20, help="Euler steps per sample (default 20)")
-        q.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default 4)")
+        q.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (default 7)")
 
     r = sub.add_parser("run", help="the whole demo (default)")
     common(r, DEFAULT_CONFIG, "demo_out")

@@ -203,7 +203,7 @@ def _unused_key(prefix: str, num_layers: int):
 
 def load_text_encoder(path: str | os.PathLike, layers: Sequence[int] = DEFAULT_LAYERS,
                       dtype=jnp.bfloat16, mxfp4: bool = True, mesh: jax.sharding.Mesh | None = None,
-                      rules: Mapping[str, object] | None = None, moe_impl: str = "dense",
+                      rules: Mapping[str, object] | None = None, moe_impl: str = "auto",
                       progress: bool = True) -> TextEncoder:
     """Loads a GPT-OSS encoder returning the hidden states of ``layers`` (0-based decoder layers).
 
@@ -213,8 +213,9 @@ def load_text_encoder(path: str | os.PathLike, layers: Sequence[int] = DEFAULT_L
     at load time into dense ``dtype`` experts. Dense checkpoints always load dense.
     ``mesh``/``rules``: place every parameter with ``NamedSharding`` built from its logical axis
     names (``rules`` maps a logical name such as ``"experts"`` to a mesh axis).
-    ``moe_impl``: ``"dense"`` (every expert on every token, masked combine; default) or
-    ``"ragged"`` (sorted grouped matmuls, ``jax.lax.ragged_dot``; for backends with a native one).
+    ``moe_impl``: ``"auto"`` (default: ragged on TPU/GPU, dense on CPU), ``"dense"`` (every
+    expert on every token, masked combine) or ``"ragged"`` (top-k grouped matmuls,
+    ``jax.lax.ragged_dot``; 8x fewer expert FLOPs where the backend has a native kernel).
     """
     folder_path = resolve_folder(path)
     config = read_config(folder_path)

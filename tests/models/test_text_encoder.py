@@ -199,3 +199,13 @@ def test_bad_inputs_are_reported():
         encoder(np.zeros((1, 4), np.int32), np.array([[False, True, True, True]]))
     with pytest.raises(ValueError, match=r"\[batch, length\]"):
         encoder(np.zeros((4,), np.int32))
+
+
+def test_moe_impl_auto_picks_by_backend():
+    from lens_jax.models.text_encoder import resolve_moe_impl
+    assert resolve_moe_impl("auto", "cpu") == "dense"
+    assert resolve_moe_impl("auto", "tpu") == "ragged"
+    assert resolve_moe_impl("auto", "gpu") == "ragged"
+    assert resolve_moe_impl("dense", "tpu") == "dense"
+    with pytest.raises(ValueError, match="moe_impl"):
+        resolve_moe_impl("sparse")
