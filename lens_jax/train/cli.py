@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> None:
         from lens_jax.train import export
 
         sys.exit(export.main(argv[2:]))
+    # ``--help`` lists the key flags of the program's main module; under a console script that is
+    # the wrapper, not this module, so register ours for it (and say how to export).
+    for flag in ("config", "workdir"):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag])
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and not main_module.__doc__:
+        main_module.__doc__ = __doc__  # absl prints it as the usage text
     app.run(_run, argv=argv)
 
 

@@ -140,3 +140,15 @@ def test_unreadable_newest_checkpoint_falls_back(tmp_path, shapes_path, env, uni
     for step in range(1, STEPS + 1):
         assert got[step] == expected[step], step
     assert any((workdir / "checkpoints_unreadable").iterdir())
+
+
+def test_console_script_help_lists_the_flags():
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "lens-train")
+    if not os.path.exists(script):
+        pytest.fail(f"{script} missing: install the package (pip install -e .)")
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert "--config" in out and "--workdir" in out and "--config.FIELD=VALUE" in out
