@@ -82,3 +82,16 @@ def test_rerun_reuses_finished_run(demo_run, capsys):
 def test_bad_override_is_reported(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path), "--set", "no_such_field=1"]) == 2
     assert "no_such_field" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,arg", [("demo.py", None), ("ablation_captions.py", "dense"),
+                                      ("ablation_captions.py", "short")])
+def test_configs_load_and_name_their_command(name, arg):
+    path = demo.REPO_ROOT / "configs" / name
+    head = path.read_text().splitlines()[:4]
+    assert head[0].startswith("#") and any("lens_jax.demo" in l for l in head)
+    assert any("lens-train" in l for l in head)
+    config = demo.load_config(path, arg)
+    assert config.num_steps > 0 and config.model.in_channels == 12
+    if arg is not None:
+        assert config.data.short_caption_prob == {"dense": 0.0, "short": 1.0}[arg]
