@@ -119,23 +119,31 @@ def _pick(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
+def iter_jsonl_objects(path: str | os.PathLike, error: type[Exception] = ValueError
+                       ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line_no, object)`` for every non-blank line of a JSONL file; ``error`` naming the file
+    and line for a line that is not a JSON object."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{line_no}: not valid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise error(f"{path}:{line_no}: expected a JSON object")
+            yield line_no, row
+
+
 def _read_caption_rows(captions_file: Path) -> list[dict[str, Any]]:
     if not captions_file.is_file():
         raise RecordError(f"{captions_file}: captions file not found")
     rows: list[dict[str, Any]] = []
     if captions_file.suffix.lower() in (".jsonl", ".json"):
-        with open(captions_file, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise RecordError(f"{captions_file}:{line_no}: not valid JSON ({e})") from e
-                if not isinstance(row, dict):
-                    raise RecordError(f"{captions_file}:{line_no}: expected a JSON object")
-                row["_line"] = line_no
-                rows.append(row)
+        for line_no, row in iter_jsonl_objects(captions_file, RecordError):
+            row["_line"] = line_no
+            rows.append(row)
     elif captions_file.suffix.lower() in (".csv", ".tsv"):
         delimiter = "\t" if captions_file.suffix.lower() == ".tsv" else ","
         with open(captions_file, encoding="utf-8", newline="") as f:

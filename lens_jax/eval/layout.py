@@ -564,26 +564,21 @@ def read_prompts_file(path: str | os.PathLike) -> dict[str, dict[str, Any] | Non
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such prompts file")
     table: dict[str, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e})") from None
-            if not isinstance(row, dict) or "layout" not in row:
-                raise ValueError(f"{path}:{line_no}: expected an object with a 'layout' key")
-            _check_layout(row["layout"], f"{path}:{line_no}")
-            for key in PROMPT_KEYS:
-                text = row.get(key)
-                if isinstance(text, str):
-                    # A text shared by different layouts (a short caption, typically) is
-                    # ambiguous: None, refused when looked up.
-                    if text in table and table[text] != row["layout"]:
-                        table[text] = None
-                    else:
-                        table.setdefault(text, row["layout"])
+    from lens_jax.data.build import iter_jsonl_objects
+
+    for line_no, row in iter_jsonl_objects(path):
+        if "layout" not in row:
+            raise ValueError(f"{path}:{line_no}: expected an object with a 'layout' key")
+        _check_layout(row["layout"], f"{path}:{line_no}")
+        for key in PROMPT_KEYS:
+            text = row.get(key)
+            if isinstance(text, str):
+                # A text shared by different layouts (a short caption, typically) is
+                # ambiguous: None, refused when looked up.
+                if text in table and table[text] != row["layout"]:
+                    table[text] = None
+                else:
+                    table.setdefault(text, row["layout"])
     if not table:
         raise ValueError(f"{path}: no prompts")
     return table
