@@ -50,6 +50,14 @@ def test_outputs_exist(demo_run):
         report = json.loads(o[f"scores_{which}"].read_text())
         assert set(CATEGORIES) <= set(report["categories"]) and report["num_images"] == 4
         assert set(CATEGORIES) | {"overall"} == set(summary["scores"][which])
+    # configs/demo.py asks for data.tokenizer = "words": the driver writes the word-level tokenizer
+    # into the output folder and the run trains (and samples) with it
+    run_config = json.loads((o["workdir"] / "config.json").read_text())
+    assert run_config["data"]["tokenizer"] == f"json:{out / 'word_tokenizer.json'}"
+    from tokenizers import Tokenizer
+
+    words = Tokenizer.from_file(str(out / "word_tokenizer.json"))
+    assert words.encode("a purple circle and two blue squares").ids.count(0) == 0  # no [UNK]
     losses = json.loads(o["heldout_loss"].read_text())
     assert set(losses) == {"0", "3"}
     assert set(summary["timings_s"]) >= {"data", "train", "heldout_loss", "sample", "score", "export", "total"}
@@ -95,3 +103,17 @@ def test_configs_load_and_name_their_command(name, arg):
     assert config.num_steps > 0 and config.model.in_channels == 12
     if arg is not None:
         assert config.data.short_caption_prob == {"dense": 0.0, "short": 1.0}[arg]
+
+
+def test_word_tokenizer_is_resolved_once(tmp_path):
+    """``data.tokenizer = "words"`` -> ``json:OUT/word_tokenizer.json`` for every config asking for
+    it; other tokenizers are left alone; the file is written once and reused."""
+    configs = [demo.load_config(demo.ABLATION_CONFIG, arm) for arm in ("dense", "short")]
+    configs[1].data.tokenizer = "bytes"
+    path = demo.resolve_word_tokenizer(configs, tmp_path)
+    assert path == tmp_path / "word_tokenizer.json" and path.is_file()
+    assert configs[0].data.tokenizer == f"json:{path}" and configs[1].data.tokenizer == "bytes"
+    stamp = path.stat().st_mtime_ns
+    again = demo.load_config(demo.DEFAULT_CONFIG)
+    assert demo.resolve_word_tokenizer([again], tmp_path) == path and path.stat().st_mtime_ns == stamp
+    assert demo.resolve_word_tokenizer([configs[1]], tmp_path) is None

@@ -117,5 +117,9 @@ def load_caption_tokenizer(spec: str, date: str = "2026-01-01",
         from lens_jax.text import PromptTokenizer  # written by the text-encoder work
 
         return PromptTokenizerAdapter(PromptTokenizer.from_pretrained(arg), date, max_length)
+    if spec == "words":
+        raise ValueError("data.tokenizer='words' (configs/demo.py) is resolved by lens_jax.demo, which "
+                         "writes OUT/word_tokenizer.json; when running lens-train by hand, pass "
+                         "--config.data.tokenizer=json:FILE (written by lens_jax.demo.write_word_tokenizer)")
     raise ValueError(f"unknown caption tokenizer {spec!r}: expected 'bytes', 'json:PATH' or "
                      "'prompt:FOLDER'")

@@ -279,6 +279,8 @@ def test_caption_tokenizers(tmp_path):
     assert load_caption_tokenizer("bytes").tokenize("ab").tolist() == [97, 98]
     with pytest.raises(ValueError, match="unknown caption tokenizer"):
         load_caption_tokenizer("nope")
+    with pytest.raises(ValueError, match="--config.data.tokenizer=json:FILE"):
+        load_caption_tokenizer("words")  # configs/demo.py's placeholder, outside lens_jax.demo
     with pytest.raises(FileNotFoundError):
         load_caption_tokenizer(f"json:{tmp_path}/missing.json")
 
