@@ -151,11 +151,17 @@ def make_prompts(path: Path, num: int, base_size: int, groups: Sequence[int], se
 
 
 def train_run(config, workdir: Path, config_path: Path, overrides: Sequence[str]) -> None:
-    """``lens-train --config CONFIG --workdir DIR`` in this process (resumes an existing run)."""
+    """``lens-train --config CONFIG --workdir DIR`` in this process (resumes an existing run).
+
+    The printed command line holds the user's ``overrides`` and the fields the driver set:
+    ``data.path`` and a ``json:`` tokenizer (the resolved ``"words"``)."""
     from lens_jax.train.trainer import train
 
+    driver_set = [f"data.path={config.data.path}"]
+    if str(config.data.tokenizer).startswith("json:"):
+        driver_set.append(f"data.tokenizer={config.data.tokenizer}")
     _command(["lens-train", "--config", str(config_path), "--workdir", str(workdir)]
-             + [f"--config.{o}" for o in overrides])
+             + [f"--config.{o}" for o in list(overrides) + driver_set])
     _say(f"model: {config.model.num_layers} blocks, width "
          f"{config.model.num_attention_heads * config.model.attention_head_dim}, "
          f"{config.model.in_channels}-channel {config.image_encoder.kind} latents, "
@@ -408,8 +414,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     workdir = out / "run"
     config.data.path = str(train_dir)
-    train_run(config, workdir, config_path, list(args.set) + [f"data.path={train_dir}"]
-              + ([f"data.tokenizer={config.data.tokenizer}"] if words else []))
+    train_run(config, workdir, config_path, args.set)
     timings["train"] = time.perf_counter() - t
     metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
@@ -494,7 +499,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
     configs = {arm: apply_overrides(load_config(args.config, arm), args.set) for arm in arms}
     base_size, groups = data_sizes(configs["dense"])
-    words = resolve_word_tokenizer(list(configs.values()), out)
+    resolve_word_tokenizer(list(configs.values()), out)
 
     _stage("data: synthetic shapes records and held-out prompts")
     t = time.perf_counter()
@@ -509,8 +514,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
         _stage(f"train on the {arm} captions")
         t = time.perf_counter()
         workdir = out / f"run_{arm}"
-        train_run(config, workdir, Path(f"{args.config}:{arm}"), list(args.set) + [f"data.path={train_dir}"]
-                  + ([f"data.tokenizer={config.data.tokenizer}"] if words else []))
+        train_run(config, workdir, Path(f"{args.config}:{arm}"), args.set)
         timings[f"train_{arm}"] = time.perf_counter() - t
         _stage(f"sample and score the {arm}-caption model")
         t = time.perf_counter()
