@@ -6,7 +6,8 @@
   lens-convert random       --out DIR --preset tiny            # a random Lens checkpoint (HF layout)
 
 Conversions stream block by block (about one block in memory), write to a temporary folder and
-rename it at the end. Only safetensors are read: pickled ``.bin``/``.pt``/``.ckpt`` are refused.
+rename it at the end. ``--src`` and ``--out`` may be ``gs://BUCKET/PATH``: a source is copied to a
+local temporary folder first, an output is uploaded with its JSON files last. Only safetensors are read: pickled ``.bin``/``.pt``/``.ckpt`` are refused.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-from pathlib import Path
 
+from lens_jax import storage
 from lens_jax.convert.safetensors_io import CheckpointError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             cfg = tconv.read_config(args.src)
             shapes = [m.torch_shape for m in tconv.transformer_mappings(cfg)]
-            print(f"{args.src}: {'orbax' if tconv.is_orbax(Path(args.src)) else 'diffusers'}")
+            print(f"{args.src}: {'orbax' if tconv.is_orbax(storage.native(args.src)) else 'diffusers'}")
             for k, v in config_lib.to_diffusers_config(cfg).items():
                 print(f"  {k}: {v}")
             print(f"  tensors: {len(shapes)}")

@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from lens_jax import storage
 from lens_jax.convert.safetensors_io import ShardedWriter, atomic_output_dir, write_json
 from lens_jax.models import config as config_lib
 from lens_jax.models.text_encoder import GptOssConfig
@@ -303,7 +304,7 @@ def write_random_checkpoint(out: str | os.PathLike, preset: str = "tiny", seed: 
         _write_transformer(cfg, tmp / "transformer", seed, p.transformer_dtype, p.streaming,
                            p.max_shard_bytes, progress)
         _write_text_encoder(text_cfg, tmp / "text_encoder", seed, p.max_shard_bytes, progress)
-    return Path(out)
+    return storage.native(out)
 
 
 def estimated_bytes(preset: str) -> int:

@@ -2,22 +2,22 @@
 
 Reads a Hugging Face / diffusers folder tensor by tensor (one ``*.safetensors`` file, or
 sharded files listed by ``*.safetensors.index.json``), writes sharded folders with an index,
-and never unpickles anything. Output folders are written to a temporary sibling and renamed
-at the end, so a failure never leaves a half-written checkpoint.
+and never unpickles anything. Output folders are written to a temporary folder and renamed (or,
+on gs://, uploaded) at the end, so a failure never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
+
+from lens_jax import storage
+from lens_jax.storage import atomic_output_dir  # noqa: F401  (local or gs:// output folders)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -137,12 +137,12 @@ class SafetensorsFolder:
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
+    """A JSON file, local or ``gs://``."""
+    path = storage.native(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (is {path.parent} a checkpoint folder?)")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
@@ -232,28 +232,3 @@ class ShardedWriter:
             write_json(self.out_dir / f"{self.prefix}.safetensors.index.json",
                        {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map})
         return final_names
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary folder beside ``out_dir``; renames it to ``out_dir`` on success.
-
-    On any exception the temporary folder is deleted and ``out_dir`` is left untouched.
-    """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "x")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)

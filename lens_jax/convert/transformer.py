@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from lens_jax import storage
 from lens_jax.convert import keymap
 from lens_jax.convert.keymap import TensorMapping
 from lens_jax.convert.safetensors_io import (
@@ -112,8 +113,9 @@ def is_orbax(path: Path) -> bool:
 
 
 def read_config(path: str | os.PathLike, **runtime) -> ml_collections.ConfigDict:
-    """Our model config from a diffusers folder's ``config.json`` or an orbax checkpoint's marker."""
-    path = Path(path)
+    """Our model config from a diffusers folder's ``config.json`` or an orbax checkpoint's marker
+    (local or ``gs://``)."""
+    path = storage.native(path)
     if is_orbax(path):
         meta = read_json(path / ORBAX_MARKER)
         if meta.get("format") != ORBAX_FORMAT:
@@ -254,7 +256,7 @@ def save_transformer(model: LensTransformer, out_dir: str | os.PathLike, dtype=N
         for key, tensor in keymap.torch_tensors(params, mappings):
             writer.add(key, tensor.astype(dtype) if dtype is not None else tensor)
         writer.finish()
-    return Path(out_dir)
+    return storage.native(out_dir)
 
 
 # ----------------------------------------------------------------------------- disk to disk
@@ -263,13 +265,21 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, dtype=None,
             max_shard_bytes: int = 2 << 30, overwrite: bool = False, progress: bool = True) -> Path:
     """Streams a checkpoint (diffusers folder or our orbax layout) to ``to`` = diffusers | orbax.
 
-    Holds one block's tensors in memory at a time (plus one output shard for diffusers).
+    Holds one block's tensors in memory at a time (plus one output shard for diffusers). A
+    ``gs://`` source is first copied to a local temporary folder; a ``gs://`` output is uploaded.
     """
-    src, out = Path(src), Path(out)
     if to not in ("diffusers", "orbax"):
         raise ValueError(f"to={to!r}: expected 'diffusers' or 'orbax'")
-    if src.absolute() == out.absolute():
+    if storage.path(src) == storage.path(out):
         raise ValueError(f"source and output are the same folder: {src}")
+    read_config(src)  # a source that is no checkpoint fails before any download
+    with storage.local_dir(src) as local_src:
+        _convert(local_src, out, to, dtype, max_shard_bytes, overwrite, progress)
+    return storage.native(out)
+
+
+def _convert(src: Path, out: str | os.PathLike, to: str, dtype, max_shard_bytes: int, overwrite: bool,
+             progress: bool) -> None:
     cfg = read_config(src)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if to == "diffusers":
@@ -287,7 +297,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, dtype=None,
                 writer.add(key, tensor)
         if to == "diffusers":
             writer.finish()
-    return out
 
 
 def tensor_count(cfg: ml_collections.ConfigDict) -> int:

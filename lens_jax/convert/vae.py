@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lens_jax import storage
 from lens_jax.convert import keymap
 from lens_jax.convert.safetensors_io import (CheckpointError, SafetensorsFolder, ShardedWriter,
                                              atomic_output_dir, read_json, write_json)
@@ -453,7 +454,7 @@ def save_vae(vae: FluxVAE, out_dir: str | os.PathLike, overwrite: bool = False,
             writer.add(key, tensor)
         writer.finish()
         write_json(tmp / "config.json", vae.config.to_diffusers())
-    return Path(out_dir)
+    return storage.native(out_dir)
 
 
 def num_parameters(vae: FluxVAE) -> int:

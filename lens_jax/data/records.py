@@ -28,12 +28,17 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
+
+from lens_jax import storage
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: int = 1
 
@@ -188,8 +193,9 @@ def list_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     """The ArrayRecord shard files named by ``path``, sorted within each part.
 
     ``path`` is a folder of shards (every ``*.array_record*`` file in it), a glob pattern, a single
-    file, a comma-separated list of any of these, or a list of them. Raises ``RecordError``
-    naming the path when nothing is found.
+    file, a comma-separated list of any of these, or a list of them; each local or ``gs://``
+    (a ``gs://`` glob matches file names in one folder only). Raises ``RecordError`` naming the
+    path when nothing is found.
     """
     if isinstance(path, (list, tuple)):
         parts = [os.fspath(p) for p in path]
@@ -199,6 +205,9 @@ def list_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
         raise RecordError(f"no record path given ({path!r})")
     shards: list[str] = []
     for part in parts:
+        if storage.is_remote(part):
+            shards.extend(_list_remote_shards(part))
+            continue
         part = os.path.expanduser(part)
         if os.path.isdir(part):
             pattern = os.path.join(glob.escape(part), f"*{SHARD_MARKER}*")
@@ -216,6 +225,25 @@ def list_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
             raise RecordError(f"{part}: no such file or folder of records")
         shards.extend(found)
     return shards
+
+
+def _list_remote_shards(part: str) -> list[str]:
+    """``list_shards`` of one ``gs://`` folder, glob or file."""
+    p = storage.path(part)
+    if glob.has_magic(p.name):
+        found = sorted(os.fspath(f) for f in p.parent.glob(p.name))
+        if not found:
+            raise RecordError(f"{part}: glob matches no file")
+    elif p.is_dir():
+        found = [os.fspath(p / name) for name in storage.listdir(p) if _is_shard(name)]
+        if not found:
+            raise RecordError(f"{part}: folder holds no ArrayRecord shards "
+                              f"(no file matching *{SHARD_MARKER}*)")
+    elif p.exists():
+        found = [os.fspath(p)]
+    else:
+        raise RecordError(f"{part}: no such file or folder of records")
+    return found
 
 
 def shard_name(prefix: str, index: int, num_shards: int) -> str:
@@ -276,6 +304,9 @@ def open_source(path_or_shards: str | os.PathLike | Sequence[str | os.PathLike])
 
     Accepts everything ``list_shards`` does, or ``tfds:NAME[:SPLIT][@DATA_DIR]`` /
     ``tfds:DATASET_DIR[:SPLIT]`` for a dataset prepared by the ``lens_records`` TFDS builder.
+    ArrayRecord's reader opens local files only (it cannot read ``gs://``): ``gs://`` shards are
+    copied once into the local cache (``lens_jax.storage.local_file``: ``$LENS_CACHE_DIR``, default
+    ``~/.cache/lens_jax``; a copy is reused while its size matches) and read from there.
     """
     import grain
 
@@ -284,6 +315,9 @@ def open_source(path_or_shards: str | os.PathLike | Sequence[str | os.PathLike])
 
         return tfds_source_from_spec(path_or_shards)
     shards = list_shards(path_or_shards)
+    if any(storage.is_remote(s) for s in shards):
+        log.info("copying %d gs:// record shard(s) to %s", len(shards), storage.cache_dir())
+        shards = [storage.local_file(s) for s in shards]
     try:
         return grain.sources.ArrayRecordDataSource(shards)
     except (RuntimeError, OSError, ValueError) as e:
@@ -308,11 +342,10 @@ def read_examples(path_or_shards, limit: int | None = None) -> Iterator[Example]
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     """``lens_records.json`` of a folder written by ``write_shards`` (``None`` if absent)."""
-    path = Path(folder) / MANIFEST_NAME
+    path = storage.native(folder) / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RecordError(f"{path}: not valid JSON ({e})") from e

@@ -14,6 +14,7 @@ A random checkpoint to try this with: ``lens-convert random --out /tmp/lens-tiny
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lens_jax import storage
 from lens_jax.sampling.resolution import parse_bucket, parse_size
 
 DTYPES = ("float32", "bfloat16")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "$LENS_JAX_COMPILATION_CACHE or ~/.cache/lens_jax/jax_cache)")
     parser.add_argument("--no-compilation-cache", action="store_true",
                         help="do not use the persistent compilation cache")
-    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--out", required=True, help="output folder, local or gs://BUCKET/PATH (created if missing)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing {k:05d}.png/.json files in --out")
     return parser
@@ -108,16 +110,6 @@ def read_prompts_file(path: str | os.PathLike) -> list[dict]:
     return jobs
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
@@ -136,8 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         jobs += read_prompts_file(args.prompts_file)
     replay = None
     if args.replay:
-        with open(args.replay) as f:
-            replay = json.load(f)
+        replay = json.loads(storage.read_text(args.replay))  # local or gs://
         jobs.append({"prompt": replay["prompt"], "negative_prompt": replay.get("negative_prompt", "")})
     if not jobs:
         raise ValueError("give at least one --prompt, a --prompts-file or --replay")
@@ -171,8 +162,7 @@ def _run(args: argparse.Namespace) -> int:
     date = date_string(date)
     images = [(job, first_index + k) for k, job in
               enumerate(j for j in jobs for _ in range(n_per_prompt))]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.makedirs(args.out)  # local or gs://
     if not args.overwrite:
         taken = [f"{i:05d}.png" for _, i in images if (out / f"{i:05d}.png").exists()]
         if taken:
@@ -196,9 +186,10 @@ def _run(args: argparse.Namespace) -> int:
             settings = dict(result.settings[k], size=f"{width}x{height}", file=f"{index:05d}.png",
                             model=str(args.model))
             assert settings["image_index"] == index
-            _write_atomic(out / f"{index:05d}.png", lambda p: result.images[k].save(p, format="PNG"))
-            _write_atomic(out / f"{index:05d}.json",
-                          lambda p: p.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n"))
+            png = io.BytesIO()
+            result.images[k].save(png, format="PNG")
+            storage.write_bytes(out / f"{index:05d}.png", png.getvalue())
+            storage.write_text(out / f"{index:05d}.json", json.dumps(settings, indent=2, sort_keys=True) + "\n")
         bar.set_postfix(denoise_s=f"{result.timings['denoising']:.2f}")
         bar.update(len(chunk))
     bar.close()

@@ -15,17 +15,22 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from lens_jax import storage
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lens-train export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="training run directory (holds config.json, checkpoints/)")
+    p.add_argument("--workdir", required=True,
+                   help="training run directory, local or gs://BUCKET/PATH (holds config.json, checkpoints/)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step to export (default: the newest)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--ema", dest="ema", action="store_true", default=True,
                          help="export the EMA weights (default; the raw ones when the run kept no EMA)")
     weights.add_argument("--raw", dest="ema", action="store_false", help="export the raw (non-EMA) parameters")
-    p.add_argument("--out", required=True, help="output diffusers folder (written atomically)")
+    p.add_argument("--out", required=True,
+                   help="output diffusers folder, local or gs:// (written atomically; on gs://, its "
+                        "config.json is uploaded last)")
     p.add_argument("--dtype", default="", help="tensor dtype in the folder: float32, bfloat16 (default: as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
@@ -35,7 +40,7 @@ def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The training config a run saved in ``workdir/config.json`` (model fields as tuples)."""
     from lens_jax.models.config import transformer_config
 
-    path = Path(workdir) / "config.json"
+    path = storage.path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a lens-train run directory?")
     raw = json.loads(path.read_text())
@@ -54,8 +59,8 @@ def restore_weights(workdir: str | Path, step: int = -1, ema: bool = True) -> tu
     from lens_jax.models.transformer import abstract_model
 
     config = run_config(workdir)
-    ckpt_dir = Path(workdir).absolute() / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
+    ckpt_dir = storage.path(workdir) / "checkpoints"
+    steps = sorted(int(name) for name in storage.listdir(ckpt_dir) if name.isdigit())
     if not steps:
         raise FileNotFoundError(f"no checkpoints in {ckpt_dir}")
     if step < 0:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -71,21 +70,57 @@ class StepFlops:
 
 
 class MetricWriter:
-    """Scalars to ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard; images too."""
+    """Scalars to ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard; images too.
 
-    def __init__(self, workdir: str | os.PathLike, cfg: ml_collections.ConfigDict, enabled: bool = True):
+    ``workdir`` is a local folder or ``gs://``. GCS objects cannot be appended to, so on GCS both
+    files live in a local mirror (``lens_jax.storage.Mirror``) and are uploaded whole at most every
+    ``upload_every_s`` seconds and on ``close``; an existing ``metrics.jsonl`` is first copied down
+    and continued. TensorBoard events go to a new event file (a new object) once the current one
+    passes ``TB_ROLL_BYTES``, so no upload rewrites more than that. Local folders are written in place.
+    """
+
+    TB_ROLL_BYTES = 8 << 20
+
+    def __init__(self, workdir: str | os.PathLike, cfg: ml_collections.ConfigDict, enabled: bool = True,
+                 upload_every_s: float = 30.0):
+        from lens_jax import storage
+
         self.enabled = enabled
-        self.workdir = Path(workdir)
-        self.jsonl = open(self.workdir / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled and cfg.tensorboard:
+        self.workdir = storage.path(workdir)
+        self.jsonl = self.tb = self.mirror = None
+        if not enabled:
+            return
+        self.mirror = storage.Mirror(self.workdir, min_interval_s=upload_every_s)
+        self.jsonl = open(self.mirror.pull("metrics.jsonl"), "a")
+        self._tb_class = None
+        if cfg.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+                self._tb_class = SummaryWriter
             except ImportError:
                 log.warning("tensorboardX is not installed: no TensorBoard event files "
                             "(pip install tensorboardX)")
+        self._tb_files = 0
+        self._open_tb()
+
+    def _open_tb(self) -> None:
+        if self._tb_class is not None:
+            self._tb_suffix = f".{os.getpid()}.{self._tb_files}"
+            self.tb = self._tb_class(str(self.mirror.local / "tensorboard"), filename_suffix=self._tb_suffix)
+            self._tb_files += 1
+
+    def _flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            if self.mirror.is_remote:  # a full event file becomes a final object; a new one follows
+                current = [f for f in (self.mirror.local / "tensorboard").iterdir()
+                           if f.name.endswith(self._tb_suffix)]
+                if current and current[0].stat().st_size > self.TB_ROLL_BYTES:
+                    self.tb.close()
+                    self.mirror.forget(f"tensorboard/{current[0].name}")
+                    self._open_tb()
+        self.mirror.sync()
 
     def write_scalars(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -97,23 +132,30 @@ class MetricWriter:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k if "/" in k else f"train/{k}", float(v), int(step))
-            self.tb.flush()
+        self._flush()
 
-    def write_image(self, step: int, name: str, image: np.ndarray, png_path: Path | None = None) -> None:
-        """``image`` uint8 ``[H, W, 3]``."""
+    def write_image(self, step: int, name: str, image: np.ndarray, png_path: str | os.PathLike | None = None) -> None:
+        """``image`` uint8 ``[H, W, 3]``; also written as a PNG at ``png_path`` (local or ``gs://``)."""
         if not self.enabled:
             return
         if png_path is not None:
+            import io
+
             from PIL import Image
 
-            png_path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(png_path)
+            from lens_jax import storage
+
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            storage.write_bytes(png_path, buf.getvalue())
         if self.tb is not None:
             self.tb.add_image(name, image, int(step), dataformats="HWC")
-            self.tb.flush()
+        self._flush()
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self.mirror is not None:
+            self.mirror.close()
