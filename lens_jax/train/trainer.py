@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from lens_jax import storage
 from lens_jax.models.transformer import LensTransformer, abstract_model
 from lens_jax.sharding import use_rules
 from lens_jax.train import mesh as mesh_lib
@@ -401,9 +402,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError):
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+    storage.write_text(path, "".join(l + "\n" for l in keep))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -413,13 +412,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     from lens_jax.train.metrics import MetricWriter, StepFlops
 
     mesh_lib.maybe_initialize_distributed(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.makedirs(workdir)  # local or gs://
     primary = jax.process_index() == 0
     mesh = mesh_lib.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
     if primary:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     log.info("mesh %s; %d devices; process %d/%d", dict(mesh.shape), mesh.size, jax.process_index(),
              jax.process_count())
 

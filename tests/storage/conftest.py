@@ -15,6 +15,25 @@ import pytest
 _counter = itertools.count()
 
 
+def _send_generation_headers(objects) -> None:
+    """Adds what real GCS sends with every object download and the emulator leaves out:
+    ``x-goog-generation``/``x-goog-metageneration``, which tensorstore (orbax's OCDBT manifests)
+    reads to version the objects it rewrites."""
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # noqa: BLE001 - a missing object: download answers 404 itself
+            obj = None
+        if obj is not None:
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        return download(request, response, storage, *args, **kwargs)
+
+    objects.download = download_with_generation
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """The emulator's URL; it serves for the whole session of this test process."""
@@ -22,6 +41,9 @@ def gcs_emulator():
                                      reason="the GCS emulator (pip install gcp-storage-emulator) is missing")
     if importlib.util.find_spec("gcsfs") is None:  # not imported: lens_jax.storage configures it first
         pytest.skip("gs:// paths need gcsfs (pip install gcsfs)")
+    from gcp_storage_emulator.handlers import objects
+
+    _send_generation_headers(objects)
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
     server = server_lib.create_server("127.0.0.1", 0, in_memory=True)
     server.start()
@@ -45,3 +67,6 @@ def gcs_bucket(gcs_emulator) -> str:
     name = f"lens-test-{os.getpid()}-{next(_counter)}"
     fsspec.filesystem("gcs").mkdir(name)
     return f"gs://{name}"
+
+
+from tests.train.conftest import shapes_path  # noqa: E402, F401  (the tiny records, uploaded by the tests)
