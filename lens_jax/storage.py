@@ -338,3 +338,63 @@ class Mirror:
         self.sync(force=True)
         if self.is_remote:
             shutil.rmtree(self.local, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- versioned objects
+# Compare-and-swap on one small gs:// object, the object's generation as its version (GCS
+# preconditions: ifGenerationMatch, 0 = "does not exist yet"). google-cloud-storage (a dependency
+# of gcsfs) honours STORAGE_EMULATOR_HOST itself, with anonymous credentials.
+
+def _blob(p: str | os.PathLike):
+    from google.cloud import storage as gcs
+
+    bucket, _, name = os.fspath(p)[len("gs://"):].partition("/")
+    if not name:
+        raise ValueError(f"{p}: expected gs://BUCKET/OBJECT")
+    global _CLIENT
+    if _CLIENT is None:
+        _CLIENT = gcs.Client()
+    return _CLIENT.bucket(bucket).blob(name)
+
+
+_CLIENT = None
+
+
+def read_versioned(p: str | os.PathLike) -> tuple[str | None, int | None]:
+    """``(text, generation)`` of ``gs://`` object ``p``; ``(None, None)`` when it does not exist."""
+    from google.api_core import exceptions
+
+    for _ in range(5):  # the object may be replaced between reading its generation and its bytes
+        blob = _blob(p)
+        try:
+            blob.reload()
+            return blob.download_as_bytes(if_generation_match=blob.generation).decode("utf-8"), blob.generation
+        except exceptions.NotFound:
+            return None, None
+        except exceptions.PreconditionFailed:
+            continue
+    raise OSError(f"{p}: changes faster than it can be read")
+
+
+def write_if_generation(p: str | os.PathLike, text: str, generation: int) -> int | None:
+    """Writes ``p`` only if it is at ``generation`` (0: only if absent); the new generation, or
+    ``None`` when the precondition failed."""
+    from google.api_core import exceptions
+
+    blob = _blob(p)
+    try:
+        blob.upload_from_string(text.encode("utf-8"), if_generation_match=int(generation))
+    except exceptions.PreconditionFailed:
+        return None
+    return blob.generation
+
+
+def delete_if_generation(p: str | os.PathLike, generation: int) -> bool:
+    """Deletes ``p`` only if it is still at ``generation``; whether it did."""
+    from google.api_core import exceptions
+
+    try:
+        _blob(p).delete(if_generation_match=int(generation))
+    except (exceptions.PreconditionFailed, exceptions.NotFound):
+        return False
+    return True

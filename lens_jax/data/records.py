@@ -316,7 +316,7 @@ def open_source(path_or_shards: str | os.PathLike | Sequence[str | os.PathLike])
         return tfds_source_from_spec(path_or_shards)
     shards = list_shards(path_or_shards)
     if any(storage.is_remote(s) for s in shards):
-        log.info("copying %d gs:// record shard(s) to %s", len(shards), storage.cache_dir())
+        log.info("reading %d gs:// record shard(s) through the local cache %s", len(shards), storage.cache_dir())
         shards = [storage.local_file(s) for s in shards]
     try:
         return grain.sources.ArrayRecordDataSource(shards)

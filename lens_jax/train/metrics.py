@@ -74,8 +74,9 @@ class MetricWriter:
 
     ``workdir`` is a local folder or ``gs://``. GCS objects cannot be appended to, so on GCS both
     files live in a local mirror (``lens_jax.storage.Mirror``) and are uploaded whole at most every
-    ``upload_every_s`` seconds and on ``close``; an existing ``metrics.jsonl`` is first copied down
-    and continued. TensorBoard events go to a new event file (a new object) once the current one
+    ``upload_every_s`` seconds, on ``flush()`` (the trainer calls it with every checkpoint, so the
+    rows of every step a resume will not redo are stored) and on ``close``; an existing
+    ``metrics.jsonl`` is first copied down and continued. TensorBoard events go to a new event file (a new object) once the current one
     passes ``TB_ROLL_BYTES``, so no upload rewrites more than that. Local folders are written in place.
     """
 
@@ -110,7 +111,12 @@ class MetricWriter:
             self.tb = self._tb_class(str(self.mirror.local / "tensorboard"), filename_suffix=self._tb_suffix)
             self._tb_files += 1
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Uploads what changed now (GCS); nothing to do for a local workdir."""
+        if self.enabled:
+            self._flush(force=True)
+
+    def _flush(self, force: bool = False) -> None:
         if self.tb is not None:
             self.tb.flush()
             if self.mirror.is_remote:  # a full event file becomes a final object; a new one follows
@@ -120,7 +126,7 @@ class MetricWriter:
                     self.tb.close()
                     self.mirror.forget(f"tensorboard/{current[0].name}")
                     self._open_tb()
-        self.mirror.sync()
+        self.mirror.sync(force=force)
 
     def write_scalars(self, step: int, scalars: dict) -> None:
         if not self.enabled:

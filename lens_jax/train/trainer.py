@@ -518,6 +518,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     break
                 if step % int(config.checkpoint.every) == 0 or step == num_steps:
                     ckpt.save(step, state, data_iter)
+                    writer.flush()  # gs://: the metrics of every saved step are stored
     finally:
         ckpt.wait()
         ckpt.close()

@@ -34,6 +34,35 @@ def _send_generation_headers(objects) -> None:
     objects.download = download_with_generation
 
 
+def _honour_generation_preconditions(server_lib, objects) -> None:
+    """Makes uploads and deletes honour ``ifGenerationMatch`` (412 when the object is not at that
+    generation; 0 = absent), as GCS does and the emulator does not: the workdir lock's
+    compare-and-swap (``lens_jax.storage.write_if_generation``) relies on it."""
+
+    def checked(handler):
+        def handle(request, response, storage, *args, **kwargs):
+            want = request.query.get("ifGenerationMatch")
+            if want:
+                name = request.params.get("object_id") or (request.query.get("name") or [""])[0]
+                if not name and isinstance(request.data, dict):  # multipart: name in the metadata
+                    name = request.data.get("meta", {}).get("name", "")
+                try:
+                    have = storage.get_file_obj(request.params["bucket_name"], name)["generation"]
+                except Exception:  # noqa: BLE001 - absent
+                    have = "0"
+                if str(have) != want[0]:
+                    response.status = 412
+                    response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                    return None
+            return handler(request, response, storage, *args, **kwargs)
+        return handle
+
+    for _, methods in server_lib.HANDLERS:
+        for method, handler in list(methods.items()):
+            if handler in (objects.insert, objects.delete):
+                methods[method] = checked(handler)
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """The emulator's URL; it serves for the whole session of this test process."""
@@ -44,6 +73,7 @@ def gcs_emulator():
     from gcp_storage_emulator.handlers import objects
 
     _send_generation_headers(objects)
+    _honour_generation_preconditions(server_lib, objects)
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
     server = server_lib.create_server("127.0.0.1", 0, in_memory=True)
     server.start()
