@@ -77,7 +77,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     except (AttributeError, KeyError):  # an override of a field the config does not have
         base = load(path)
         known = set(field_names(base))
-        bad = next(name for name in (o.partition("=")[0][len("--config."):] for o in overrides)
-                   if name not in known), overrides[0] if overrides else "?")
+        names = [o.partition("=")[0][len("--config."):] for o in overrides]
+        bad = next((name for name in names if name not in known), names[0] if names else "?")
         raise ValueError(unknown_field_message(base, bad)) from None
     return values.config
