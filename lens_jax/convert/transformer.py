@@ -12,6 +12,7 @@ Every conversion writes to a temporary folder and renames it at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,9 @@ ORBAX_MARKER = "lens_jax.json"
 ORBAX_FORMAT = "lens_jax.transformer.orbax.v1"
 WEIGHTS_PREFIX = "diffusion_pytorch_model"
 CLASS_NAME = "LensTransformer2DModel"
+# What a conversion writes into its output folder (``--overwrite`` replaces nothing else).
+DIFFUSERS_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json")
+ORBAX_PATTERNS = (ORBAX_MARKER, "top", "layers")
 
 
 # ----------------------------------------------------------------------------- the key map
@@ -119,7 +123,10 @@ def read_config(path: str | os.PathLike, **runtime) -> ml_collections.ConfigDict
         if meta.get("format") != ORBAX_FORMAT:
             raise CheckpointError(f"{path / ORBAX_MARKER}: format {meta.get('format')!r}, "
                                   f"expected {ORBAX_FORMAT!r}")
-        cfg_json = meta["config"]
+        cfg_json = meta.get("config")
+        if not isinstance(cfg_json, dict):
+            raise CheckpointError(f"{path / ORBAX_MARKER}: no 'config' object")
+        check_config_fields(cfg_json, path / ORBAX_MARKER)
     else:
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a checkpoint folder (no such directory)")
@@ -127,12 +134,34 @@ def read_config(path: str | os.PathLike, **runtime) -> ml_collections.ConfigDict
         if cfg_json.get("_class_name") not in (None, CLASS_NAME):
             raise CheckpointError(f"{path / 'config.json'}: _class_name is "
                                   f"{cfg_json.get('_class_name')!r}, expected {CLASS_NAME!r}")
+        check_config_fields(cfg_json, path / "config.json")
     cfg = config_lib.from_diffusers_config(cfg_json, **runtime)
     try:
         config_lib.validate(cfg)
     except ValueError as e:
         raise CheckpointError(f"{path}: unsupported config: {e}") from e
     return cfg
+
+
+def check_config_fields(cfg_json: dict, path: Path) -> None:
+    """Raises ``CheckpointError`` (one line, naming the file and field) for a ``config.json``
+    field of the wrong type, e.g. ``"num_layers": "two"``; sizes must be >= 1."""
+    defaults = config_lib.transformer_config()
+    for key in config_lib.DIFFUSERS_FIELDS:
+        if key not in cfg_json:
+            continue
+        value, default = cfg_json[key], defaults[key]
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool) and value >= 1, \
+                "an integer >= 1"
+        else:  # tuples of integers
+            ok, want = (isinstance(value, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)), \
+                "a list of integers >= 0"
+        if not ok:
+            raise CheckpointError(f"{path}: {key} is {json.dumps(value)}, expected {want}")
 
 
 def _orbax_restore(path: Path) -> dict:
@@ -159,6 +188,40 @@ def _check_orbax_item(path: Path, flat: dict, group: list[TensorMapping]) -> Non
                                   f"{tuple(flat[p].shape)}, expected {tuple(shape)}")
 
 
+def _check_folder(src: Path, folder: SafetensorsFolder, mappings: list[TensorMapping]) -> None:
+    """Every expected key present, nothing unexpected, every shape right (no data read)."""
+    keymap.check_keys(str(src), folder.keys(), mappings)
+    for m in mappings:
+        if tuple(folder.shape(m.key)) != tuple(m.torch_shape):
+            raise CheckpointError(f"{folder.file_of(m.key)}: tensor {m.key!r} has shape "
+                                  f"{tuple(folder.shape(m.key))}, expected {tuple(m.torch_shape)}")
+
+
+def check_checkpoint(path: str | os.PathLike, cfg: ml_collections.ConfigDict) -> int:
+    """Checks a checkpoint's files without reading tensor data: safetensors headers against file
+    sizes, every expected tensor present with its shape (orbax: every item's metadata). Returns
+    the bytes on disk; raises ``CheckpointError`` naming the first broken file."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    mappings = transformer_mappings(cfg)
+    if not is_orbax(path):
+        with SafetensorsFolder(path) as folder:
+            _check_folder(path, folder, mappings)
+            files = set(folder.file_of(k) for k in folder.keys())
+        return sum(f.stat().st_size for f in files)
+    for name, group in _grouped(mappings).items():
+        item = path / name
+        if not item.is_dir():
+            raise CheckpointError(f"{item}: missing orbax item (an interrupted conversion?)")
+        try:
+            tree = ocp.PyTreeCheckpointer().metadata(str(item.absolute())).item_metadata.tree
+        except Exception as e:  # noqa: BLE001 - orbax raises many types on damaged folders
+            raise CheckpointError(f"{item}: unreadable orbax item ({type(e).__name__}: {e})") from e
+        _check_orbax_item(item, keymap.flatten(tree), group)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _iter_groups(src: Path, cfg: ml_collections.ConfigDict, dtype=None,
                  progress: bool = False) -> Iterator[tuple[str, list[TensorMapping], dict]]:
     """Yields ``(group, mappings, {path_in_group: jax-layout array})`` one orbax item at a time."""
@@ -173,12 +236,7 @@ def _iter_groups(src: Path, cfg: ml_collections.ConfigDict, dtype=None,
             yield name, group, flat
         return
     with SafetensorsFolder(src) as folder:
-        all_maps = [m for g in groups.values() for m in g]
-        keymap.check_keys(str(src), folder.keys(), all_maps)
-        for m in all_maps:  # every shape, before any data is read
-            if tuple(folder.shape(m.key)) != tuple(m.torch_shape):
-                raise CheckpointError(f"{folder.file_of(m.key)}: tensor {m.key!r} has shape "
-                                      f"{tuple(folder.shape(m.key))}, expected {tuple(m.torch_shape)}")
+        _check_folder(src, folder, [m for g in groups.values() for m in g])
         for name, group in items:
             yield name, group, keymap.load_params(folder, [_in_group(m) for m in group], dtype=dtype,
                                                    strict=False)
@@ -265,11 +323,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, dtype=None,
 
     Holds one block's tensors in memory at a time (plus one output shard for diffusers).
     """
+    from lens_jax import output_guard
+
     src, out = Path(src), Path(out)
     if to not in ("diffusers", "orbax"):
         raise ValueError(f"to={to!r}: expected 'diffusers' or 'orbax'")
-    if src.absolute() == out.absolute():
-        raise ValueError(f"source and output are the same folder: {src}")
+    output_guard.check_output(out, {"--src": src})
+    if overwrite:
+        output_guard.check_replaceable(out, DIFFUSERS_PATTERNS if to == "diffusers" else
+                                       ORBAX_PATTERNS, f"lens-convert to-{to}")
     cfg = read_config(src)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if to == "diffusers":
@@ -279,6 +341,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, dtype=None,
             write_json(tmp / ORBAX_MARKER, {"format": ORBAX_FORMAT,
                                             "config": config_lib.to_diffusers_config(cfg)})
         for name, group, flat in _iter_groups(src, cfg, dtype=dtype, progress=progress):
+            output_guard.raise_if_interrupted()  # orbax's event loop may have dropped a Ctrl-C
             if to == "orbax":
                 _orbax_save(tmp / name, keymap.unflatten(flat))
                 continue
