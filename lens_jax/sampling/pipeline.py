@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 import logging
 import os
 import time
@@ -131,11 +132,25 @@ def _component_folder(root: Path, name: str) -> Path:
 
 
 def date_string(date: str | datetime.date | None) -> str:
-    """The ``YYYY-MM-DD`` rendered into the prompt template (``None``: today's local date)."""
+    """The ``YYYY-MM-DD`` rendered into the prompt template (``None``: today's local date).
+
+    A string must be a real calendar date written ``YYYY-MM-DD`` (``ValueError`` otherwise):
+    the date changes the text features, so a typo must not silently change the images.
+    """
     from lens_jax.text import today
     if date is None:
         return today()
-    return date.isoformat() if isinstance(date, datetime.date) else str(date)
+    if isinstance(date, datetime.date):
+        return date.isoformat()
+    text = str(date)
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"date {text!r}: expected a calendar date as YYYY-MM-DD, e.g. "
+                         f"{today()}") from None
+    return text
 
 
 def default_dtype() -> str:
