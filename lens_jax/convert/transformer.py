@@ -226,9 +226,12 @@ def _iter_groups(src: Path, cfg: ml_collections.ConfigDict, dtype=None,
                  progress: bool = False) -> Iterator[tuple[str, list[TensorMapping], dict]]:
     """Yields ``(group, mappings, {path_in_group: jax-layout array})`` one orbax item at a time."""
     groups = _grouped(transformer_mappings(cfg))
-    items = tqdm(groups.items(), desc=f"reading {src.name}", unit="item", disable=not progress)
+
+    def bar():  # created once the files are checked: an error is then one line, not a bar
+        return tqdm(groups.items(), desc=f"reading {src.name}", unit="item", disable=not progress)
+
     if is_orbax(src):
-        for name, group in items:
+        for name, group in bar():
             flat = keymap.flatten(_orbax_restore(src / name))
             _check_orbax_item(src / name, flat, group)
             if dtype is not None:
@@ -237,7 +240,7 @@ def _iter_groups(src: Path, cfg: ml_collections.ConfigDict, dtype=None,
         return
     with SafetensorsFolder(src) as folder:
         _check_folder(src, folder, [m for g in groups.values() for m in g])
-        for name, group in items:
+        for name, group in bar():
             yield name, group, keymap.load_params(folder, [_in_group(m) for m in group], dtype=dtype,
                                                    strict=False)
 
