@@ -1,4 +1,4 @@
-"""``lens-convert``: move Lens denoiser weights between diffusers folders and orbax checkpoints.
+"""lens-convert: move Lens denoiser weights between diffusers folders and orbax checkpoints.
 
   lens-convert to-orbax     --src CKPT/transformer --out OUT   # diffusers folder -> orbax
   lens-convert to-diffusers --src OUT --out CKPT2/transformer  # orbax (or diffusers) -> diffusers

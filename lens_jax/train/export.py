@@ -17,7 +17,7 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lens-train export", description=__doc__,
+    p = argparse.ArgumentParser(prog="lens-train export", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="training run directory (holds config.json, checkpoints/)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step to export (default: the newest)")
