@@ -202,6 +202,38 @@ def read_json(path: str | os.PathLike) -> dict:
     return data
 
 
+def check_field_types(config_json: dict, defaults: dict, path: str | os.PathLike,
+                      positive: bool = False) -> None:
+    """Raises ``CheckpointError`` (one line naming the file and field) when a field of a
+    ``config.json`` has another type than its default, e.g. ``"num_layers": "two"``; lists must
+    hold elements of the default's element type. ``positive``: integers must be >= 1 (list
+    elements are not checked for sign)."""
+    def fits(value, default, positive: bool) -> tuple[bool, str]:
+        if isinstance(default, bool):
+            return isinstance(value, bool), "true or false"
+        if isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            return (ok and value >= 1, "an integer >= 1") if positive else (ok, "an integer")
+        if isinstance(default, float):
+            return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        return isinstance(value, str), "a string"
+
+    for key, default in defaults.items():
+        if key not in config_json or default is None:
+            continue
+        value = config_json[key]
+        if isinstance(default, (tuple, list)):
+            plural = {"an integer": "integers", "a number": "numbers", "a string": "strings",
+                      "true or false": "booleans"}
+            ok = isinstance(value, list) and all(fits(v, default[0], False)[0] for v in value
+                                                 if default)
+            want = f"a list of {plural[fits(None, default[0], False)[1]]}" if default else "a list"
+        else:
+            ok, want = fits(value, default, positive)
+        if not ok:
+            raise CheckpointError(f"{path}: {key} is {json.dumps(value)}, expected {want}")
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from lens_jax.convert import keymap
 from lens_jax.convert.keymap import TensorMapping
 from lens_jax.convert.safetensors_io import (
-    CheckpointError, SafetensorsFolder, ShardedWriter, atomic_output_dir, read_json, write_json)
+    CheckpointError, SafetensorsFolder, ShardedWriter, atomic_output_dir, check_field_types,
+    read_json, write_json)
 from lens_jax.models import config as config_lib
 from lens_jax.models.transformer import LensTransformer, abstract_model
 
@@ -144,24 +145,10 @@ def read_config(path: str | os.PathLike, **runtime) -> ml_collections.ConfigDict
 
 
 def check_config_fields(cfg_json: dict, path: Path) -> None:
-    """Raises ``CheckpointError`` (one line, naming the file and field) for a ``config.json``
-    field of the wrong type, e.g. ``"num_layers": "two"``; sizes must be >= 1."""
+    """A one-line ``CheckpointError`` for a field of the wrong type (``"num_layers": "two"``)."""
     defaults = config_lib.transformer_config()
-    for key in config_lib.DIFFUSERS_FIELDS:
-        if key not in cfg_json:
-            continue
-        value, default = cfg_json[key], defaults[key]
-        if isinstance(default, bool):
-            ok, want = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, want = isinstance(value, int) and not isinstance(value, bool) and value >= 1, \
-                "an integer >= 1"
-        else:  # tuples of integers
-            ok, want = (isinstance(value, list) and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)), \
-                "a list of integers >= 0"
-        if not ok:
-            raise CheckpointError(f"{path}: {key} is {json.dumps(value)}, expected {want}")
+    check_field_types(cfg_json, {k: defaults[k] for k in config_lib.DIFFUSERS_FIELDS}, path,
+                      positive=True)
 
 
 def _orbax_restore(path: Path) -> dict:

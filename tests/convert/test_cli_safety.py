@@ -222,3 +222,24 @@ def test_check_output_cases(tmp_path):
     output_guard.check_output(tmp_path / "x", {"--src": None, "--other": ""})
     with pytest.raises(output_guard.OutputError, match="lies inside"):
         output_guard.check_output("gs://b/run/out", {"--src": "gs://b/run"})
+
+
+def test_wrong_config_types_are_one_line_errors_for_every_component(tmp_path):
+    from lens_jax.convert import text_encoder, vae
+    from lens_jax.convert.random_checkpoint import _TINY_TEXT, text_encoder_config_json
+    from lens_jax.convert.safetensors_io import CheckpointError
+    from lens_jax.models.text_encoder import GptOssConfig
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"layers_per_block": "two"}))
+    with pytest.raises(CheckpointError, match=r'vae/config.json: layers_per_block is "two", '
+                                              "expected an integer$"):
+        vae.load_vae(tmp_path / "vae")
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [16, "x"]}))
+    with pytest.raises(CheckpointError, match="expected a list of integers"):
+        vae.load_vae(tmp_path / "vae")
+    (tmp_path / "te").mkdir()
+    config = dict(text_encoder_config_json(GptOssConfig(**_TINY_TEXT)), num_hidden_layers="two")
+    (tmp_path / "te" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"te/config.json: .*'two'"):
+        text_encoder.read_config(tmp_path / "te")

@@ -137,3 +137,16 @@ def test_replay_file_is_never_overwritten(tmp_path, capsys):
                    "--overwrite"])
     assert rc == 2 and "is one of the files this run writes" in capsys.readouterr().err
     assert json.loads(replay.read_text()) == _sidecar()
+
+
+def test_truncated_checkpoint_file_is_named_in_one_line(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    [weights] = sorted((model / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    rc = cli.main(["--model", str(model), "--prompt", "x", "--out", str(out)] + ARGS)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and str(weights) in err and "truncated" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()
