@@ -143,3 +143,24 @@ def test_pid_reuse_is_not_mistaken_for_the_holder():
 def test_gcs_backend_is_not_there_yet():
     with pytest.raises(NotImplementedError, match="GcsStore"):
         workdir_lock.store_for("gs://bucket/run")
+
+
+@pytest.mark.xfail(strict=True, reason="the lead wires workdir_lock.acquire into trainer.train "
+                                       "(h-trainer); remove this mark then")
+def test_lens_train_refuses_a_workdir_in_use(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = _holder_process(tmp_path / "run", "hold")
+    try:
+        run = subprocess.run([sys.executable, "-m", "lens_jax.train.cli", "--config",
+                              str(root / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"),
+                              f"--config.data.path={tmp_path / 'no-records'}"],
+                             capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, PYTHONPATH=str(root)))
+    finally:
+        proc.communicate("")
+    assert run.returncode == 2, run.stderr
+    assert f"pid {proc.pid}" in run.stderr and "in use" in run.stderr
+    assert not (tmp_path / "run" / "config.json").exists()  # nothing of the run was written
+    assert not (tmp_path / "run" / "checkpoints").exists()

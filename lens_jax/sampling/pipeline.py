@@ -248,8 +248,9 @@ class LensPipeline:
                                          dtype=dtype, mxfp4=mxfp4, progress=progress)
         tokenizer = PromptTokenizer.from_pretrained(_component_folder(root, "tokenizer"))
         scheduler_file = root / "scheduler" / "scheduler_config.json"
-        scheduler_config = (SchedulerConfig.from_file(scheduler_file) if scheduler_file.is_file()
-                            else SchedulerConfig())
+        scheduler_config = (SchedulerConfig.from_json(read_json(scheduler_file),  # names the file
+                                                      source=str(scheduler_file))
+                            if scheduler_file.is_file() else SchedulerConfig())
         return cls(transformer, vae, text_encoder, tokenizer, scheduler_config,
                    preset=preset or preset_for(path), devices=devices,
                    bf16_timesteps=bf16_timesteps, source=str(path))

@@ -44,12 +44,16 @@ def _run(argv) -> None:
         raise app.UsageError("--config and --workdir are required")
     _quiet_logs()
     from lens_jax.train.trainer import NonFiniteLossError, train
+    from lens_jax.train.workdir_lock import WorkdirLocked
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except NonFiniteLossError as e:
         print(f"lens-train: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except WorkdirLocked as e:  # another run writes --workdir (raised once the trainer locks it)
+        print(f"lens-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

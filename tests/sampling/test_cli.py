@@ -150,3 +150,14 @@ def test_truncated_checkpoint_file_is_named_in_one_line(tiny_checkpoint, tmp_pat
     err = capsys.readouterr().err.strip()
     assert rc == 2 and str(weights) in err and "truncated" in err, err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["model_index.json", "scheduler/scheduler_config.json"])
+def test_malformed_json_of_the_checkpoint_is_named(tiny_checkpoint, tmp_path, capsys, name):
+    import shutil
+
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    (model / name).write_text('{"_class_name": ')
+    rc = cli.main(["--model", str(model), "--prompt", "x", "--out", str(tmp_path / "o")] + ARGS)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"{model / name}: not valid JSON" in err and len(err.splitlines()) == 1, err
