@@ -239,6 +239,10 @@ class LensPipeline:
                                       "expected 'LensPipeline'")
         else:
             log.warning("%s has no model_index.json; reading the component folders directly", root)
+        scheduler_file = root / "scheduler" / "scheduler_config.json"
+        scheduler_config = (SchedulerConfig.from_json(read_json(scheduler_file),  # before any weight
+                                                      source=str(scheduler_file))
+                            if scheduler_file.is_file() else SchedulerConfig())
         dtype = jnp.dtype(dtype or default_dtype())
         transformer = load_transformer(transformer_path or _component_folder(root, "transformer"),
                                        dtype=dtype, compute_dtype=dtype, progress=progress)
@@ -247,10 +251,6 @@ class LensPipeline:
                                          layers=tuple(transformer.config.selected_layer_index),
                                          dtype=dtype, mxfp4=mxfp4, progress=progress)
         tokenizer = PromptTokenizer.from_pretrained(_component_folder(root, "tokenizer"))
-        scheduler_file = root / "scheduler" / "scheduler_config.json"
-        scheduler_config = (SchedulerConfig.from_json(read_json(scheduler_file),  # names the file
-                                                      source=str(scheduler_file))
-                            if scheduler_file.is_file() else SchedulerConfig())
         return cls(transformer, vae, text_encoder, tokenizer, scheduler_config,
                    preset=preset or preset_for(path), devices=devices,
                    bf16_timesteps=bf16_timesteps, source=str(path))
