@@ -56,12 +56,14 @@ def test_help_config_lists_every_field_with_default_and_comment(capsys):
 def _help_texts():
     from lens_jax.convert import cli as convert_cli
     from lens_jax.data import cli as data_cli
+    from lens_jax.eval import cli as eval_cli
     from lens_jax.sampling import cli as sample_cli
 
     yield "lens-convert", convert_cli.build_parser()
     yield "lens-data", data_cli.build_parser()
     yield "lens-sample", sample_cli.build_parser()
     yield "lens-train export", export.build_parser()
+    yield "lens-eval", eval_cli.build_parser()
 
 
 def test_help_is_plain_text_everywhere():
