@@ -44,8 +44,9 @@ from lens_jax.data.tokenize import CaptionTokenizer, load_caption_tokenizer
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("bad_record", "empty_caption", "corrupt_image", "too_small", "extreme_aspect",
-                "too_many_image_tokens", "too_many_text_tokens", "caption_too_long", "error")
+SKIP_REASONS = ("bad_record", "empty_caption", "corrupt_image", "too_large", "too_small",
+                "extreme_aspect", "too_many_image_tokens", "too_many_text_tokens", "caption_too_long",
+                "error")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -184,8 +185,12 @@ class _ExampleLoader:
                 image = Image.open(io.BytesIO(ex.image_bytes))
                 width, height = image.size
                 orientation = image.getexif().get(0x0112, 1)
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+                return skip("too_large")
             except Exception:  # noqa: BLE001 - PIL raises many types on bad files
                 return skip("corrupt_image")
+            if width * height > records.MAX_IMAGE_PIXELS:  # the limit lens-data build applies
+                return skip("too_large")
             if orientation in (5, 6, 7, 8):
                 width, height = height, width
             if min(width, height) < self.min_side:
