@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lens_jax.train import config_help
+from lens_jax.train import config_files, config_help
 from lens_jax.train import cli as train_cli
 from lens_jax.train import export
 
@@ -41,8 +41,8 @@ def test_misspelled_config_field_is_one_line_with_the_suggestion(tmp_path, capsy
 def test_help_config_lists_every_field_with_default_and_comment(capsys):
     code, out, _ = _train_main(capsys, "--config", TINY, "--help_config")
     assert code == 0
-    config = config_help.load_config_file(TINY)
-    leaves = [name for name, _ in config_help._leaves(config)]
+    config = config_files.load(TINY)
+    leaves = config_files.field_names(config)
     listed = [line.split(" = ")[0].strip() for line in out.splitlines()[1:]]
     assert listed == leaves
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("checkpoint.every ="))

@@ -54,11 +54,23 @@ def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
     return names
 
 
-def unknown_field_message(config: ml_collections.ConfigDict, field: str) -> str:
-    """One line: the field does not exist, and the closest existing ones."""
-    close = difflib.get_close_matches(field, field_names(config), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join('--config.' + c for c in close)}?" if close else ""
-    return f"--config.{field}: the config has no such field{hint}"
+def unknown_field_message(config: ml_collections.ConfigDict, name: str) -> str | None:
+    """``None`` if ``name`` (``optimizer.lr``) is a field or section of ``config``, else one line
+    naming it and the nearest fields (of its own section when the section exists)."""
+    fields = field_names(config)
+    sections = {n.rsplit(".", 1)[0] for n in fields if "." in n}
+    if name in fields or name in sections:
+        return None
+    section, _, leaf = name.rpartition(".")
+    siblings = [n.rpartition(".")[2] for n in fields if n.rpartition(".")[0] == section]
+    if siblings:
+        near = [f"{section}.{n}" if section else n
+                for n in difflib.get_close_matches(leaf, siblings, n=2, cutoff=0.6)]
+    else:
+        near = difflib.get_close_matches(name, fields, n=2, cutoff=0.6)
+    hint = (f"; did you mean {' or '.join('--config.' + n for n in near)}?" if near
+            else "; lens-train --config FILE --help_config lists every field")
+    return f"--config.{name}: no such config field{hint}"
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -76,8 +88,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
         raise ValueError(str(e).splitlines()[0]) from None
     except (AttributeError, KeyError):  # an override of a field the config does not have
         base = load(path)
-        known = set(field_names(base))
         names = [o.partition("=")[0][len("--config."):] for o in overrides]
-        bad = next((name for name in names if name not in known), names[0] if names else "?")
-        raise ValueError(unknown_field_message(base, bad)) from None
+        messages = [m for m in (unknown_field_message(base, n) for n in names) if m]
+        raise ValueError(messages[0] if messages else f"--config {path}: bad override") from None
     return values.config
