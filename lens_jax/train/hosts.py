@@ -45,14 +45,6 @@ def agree_any(**flags: bool) -> dict[str, bool]:
     return {n: bool(seen[:, i].any()) for i, n in enumerate(names)}
 
 
-def agree_value(value: int, what: str) -> int:
-    """The value every process holds; raises (on every process) if they differ."""
-    values = gather(np.asarray([int(value)], np.int32))[:, 0]
-    if not (values == values[0]).all():
-        raise RuntimeError(f"processes disagree on {what}: {values.tolist()} (by process index)")
-    return int(values[0])
-
-
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (no-op in a single process)."""
     if jax.process_count() > 1:

@@ -36,3 +36,39 @@ def test_restore_onto_another_mesh(tmp_path):
         np.testing.assert_array_equal(got, want)
     for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(loader.state_shardings)):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+
+
+def test_transient_read_errors_are_retried_then_raised(tmp_path, monkeypatch):
+    """A read failing with ConnectionError twice succeeds on the third attempt; failing every time
+    raises OSError naming the checkpoint, without skipping it or touching the directory."""
+    import pytest
+
+    from lens_jax.train import checkpoint
+    from lens_jax.train.trainer import Trainer
+
+    config = tiny_config(zero_init_modulation=False)
+    config.checkpoint.async_save = False
+    trainer = Trainer(config)
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", config.checkpoint)
+    ckpt.save(3, initial_state(trainer))
+    ckpt.wait()
+    monkeypatch.setattr(checkpoint, "RETRY_WAIT_S", 0.0)
+    real = checkpoint.Checkpointer.restore_step
+    failures = {"left": 2}
+
+    def flaky(self, *args, **kwargs):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise ConnectionError("connection reset by peer")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore_step", flaky)
+    _, step = ckpt.restore(trainer.abstract_state())
+    assert step == 3 and failures["left"] == 0
+
+    failures["left"] = checkpoint.RETRIES
+    with pytest.raises(OSError, match=r"checkpoints/3: reading failed 3 times: ConnectionError"):
+        ckpt.restore(trainer.abstract_state())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+    assert ckpt.all_steps() == [3]
+    ckpt.close()

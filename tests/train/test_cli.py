@@ -149,7 +149,7 @@ def test_unreadable_newest_checkpoint_falls_back(tmp_path, shapes_path, env, uni
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"garbage")
     proc = _run(workdir, env, f"--config.data.path={shapes_path}", f"--config.num_steps={STEPS}")
-    assert "checkpoint at step 12 is skipped (arrays unreadable" in proc.stdout, proc.stdout
+    assert "checkpoint at step 12 is skipped (" in proc.stdout, proc.stdout
     assert "restarting from step 8" in proc.stdout
     assert _steps(workdir) == [4, 8, 12]
     got = _losses(workdir)
