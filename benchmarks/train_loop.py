@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/train_loop.py --data DIR [--config tiny|demo] [--steps 60]
 
-``DIR``: synthetic-shapes records (``lens-data synth-shapes --base-size 64``). In one process:
+``DIR``: synthetic-shapes records (``lens-data synth-shapes --base-size 64`` for tiny, ``--base-size
+96 --groups 512`` for demo). In one process:
 1. the loop: ``lens_jax.train.loop.train`` for ``--steps`` steps (data pipeline, batch feed,
    non-finite checks, metrics every ``logging.every`` steps, no checkpoint until the end);
    its time per step is the mean ``step_time_s`` of metrics.jsonl after the first log row
@@ -41,6 +42,11 @@ def main() -> None:
 
     config = importlib.import_module(f"configs.{args.config}").get_config()
     config.data.path = args.data
+    tmp = tempfile.mkdtemp()
+    if config.data.tokenizer == "words":  # the demo's word tokenizer (lens_jax.demo writes it)
+        from lens_jax.demo import write_word_tokenizer
+
+        config.data.tokenizer = f"json:{write_word_tokenizer(Path(tmp) / 'word_tokenizer.json')}"
     config.num_steps = args.steps
     config.logging.progress = False
     config.logging.tensorboard = False

@@ -72,3 +72,27 @@ def test_transient_read_errors_are_retried_then_raised(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
     assert ckpt.all_steps() == [3]
     ckpt.close()
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    """The data iterator's state is per host: a checkpoint saved by 2 processes is refused by 1,
+    with the reason, and left in place."""
+    import pytest
+
+    from lens_jax.train import checkpoint
+    from lens_jax.train.trainer import Trainer
+
+    config = tiny_config(zero_init_modulation=False)
+    config.checkpoint.async_save = False
+    trainer = Trainer(config)
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", config.checkpoint)
+    ckpt.save(5, initial_state(trainer), checkpoint.DataState({"position": 1}))
+    ckpt.wait()
+    data = tmp_path / "checkpoints" / "5" / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    (data / "process_1-of-2.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=r"another number of processes \(process_0-of-2.json, process_1-of-2.json"):
+        ckpt.restore(trainer.abstract_state(), data_iter=object())
+    assert ckpt.all_steps() == [5]
+    ckpt.close()
