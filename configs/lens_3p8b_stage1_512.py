@@ -42,7 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
     d.worker_count = 32
     d.caption_dropout = 0.1                      # CFG dropout [UNCONFIRMED upstream]
     d.pixel_dtype = "bfloat16"
-    d.emit_sigma = False
     config.objective.sigma_loc = (1.0, 1.3)      # 1.06 at 1024 tokens
     config.objective.sigma_scale = 1.0
     o = config.optimizer

@@ -43,7 +43,8 @@ def _run(argv) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     _quiet_logs()
-    from lens_jax.train.trainer import NonFiniteLossError, train
+    from lens_jax.train.checkpoint import CheckpointMismatchError, CheckpointUnusableError
+    from lens_jax.train.loop import NonFiniteLossError, train
     from lens_jax.train.workdir_lock import WorkdirLocked
 
     try:
@@ -51,7 +52,7 @@ def _run(argv) -> None:
     except NonFiniteLossError as e:
         print(f"lens-train: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
-    except WorkdirLocked as e:  # another run writes --workdir (raised once the trainer locks it)
+    except (CheckpointMismatchError, CheckpointUnusableError, WorkdirLocked) as e:
         print(f"lens-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
