@@ -145,8 +145,6 @@ def test_gcs_backend_is_not_there_yet():
         workdir_lock.store_for("gs://bucket/run")
 
 
-@pytest.mark.xfail(strict=True, reason="the lead wires workdir_lock.acquire into trainer.train "
-                                       "(h-trainer); remove this mark then")
 def test_lens_train_refuses_a_workdir_in_use(tmp_path):
     from pathlib import Path
 

@@ -16,6 +16,7 @@ the files of the run directory: ``lens_jax.train.rundir``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -130,15 +131,46 @@ def _restore_or_init(config, workdir, trainer, ckpt, data_iter) -> tuple[dict, i
     return state, start
 
 
+@contextlib.contextmanager
+def _one_writer(workdir) -> Iterator[None]:
+    """Holds the run directory's lock (``lens_jax.train.workdir_lock``) while the run writes to it.
+
+    Process 0 takes it for the whole job; every process learns whether it got it, so a refused
+    job stops on all hosts at once."""
+    from lens_jax.train import workdir_lock
+
+    lock, refused = None, None
+    if hosts.is_primary():
+        try:
+            lock = workdir_lock.acquire(workdir, "lens-train")
+        except workdir_lock.WorkdirLocked as e:
+            refused = e
+    if hosts.agree_any(refused=refused is not None)["refused"]:
+        raise refused or workdir_lock.WorkdirLocked(f"{workdir} is in use by another run "
+                                                    "(process 0 could not lock it)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Runs (or resumes) training in ``workdir`` until ``config.num_steps``; returns the final state."""
+    """Runs (or resumes) training in ``workdir`` until ``config.num_steps``; returns the final state.
+
+    Refused at once (``WorkdirLocked``) while another live process trains or exports in ``workdir``."""
+    mesh_lib.maybe_initialize_distributed(config)
+    workdir = rundir.prepare(workdir)
+    with _one_writer(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir) -> dict:
     from lens_jax.data.pipeline import make_pipeline
     from lens_jax.train.checkpoint import Checkpointer, DataState
     from lens_jax.train.encoders import VAEBatchEncoder
     from lens_jax.train.metrics import MetricWriter, StepFlops, data_metrics_over_hosts
 
-    mesh_lib.maybe_initialize_distributed(config)
-    workdir = rundir.prepare(workdir)
     primary = hosts.is_primary()
     mesh = mesh_lib.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
