@@ -9,6 +9,8 @@ its sidecar ``{k:05d}.json`` holds every setting (prompt, negative prompt, seed,
 steps, guidance, size, date, model, dtype, package version). The starting noise of an image
 depends only on (seed, image index), so batch size and device count do not change it.
 A random checkpoint to try this with: ``lens-convert random --out /tmp/lens-tiny --preset tiny``.
+``lens-sample compile --topology v5e-8`` compiles the sampler for a TPU host and prints its memory
+(``lens_jax.sampling.compile``).
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["compile"]:  # lens-sample compile
+        from lens_jax.sampling import compile as compile_lib
+
+        return compile_lib.main((sys.argv[1:] if argv is None else list(argv))[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -3,7 +3,9 @@
 Trains (or resumes, when DIR holds checkpoints) the Lens denoiser. Any config field can be
 overridden on the command line (ml_collections ``config_flags``), e.g. ``--config.num_steps=200
 --config.optimizer.lr=1e-4 --config.data.path=/data/shapes``. ``lens-train export ...`` exports
-saved weights to a diffusers folder (see ``lens_jax.train.export``).
+saved weights to a diffusers folder (see ``lens_jax.train.export``); ``lens-train compile --config CFG
+--topology v5p-128`` compiles the step for a TPU slice from any host and says whether it fits
+(``lens_jax.train.compile``, docs/tpu.md).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         from lens_jax.train import export
 
         sys.exit(export.main(argv[2:]))
+    if len(argv) > 1 and argv[1] == "compile":
+        from lens_jax.train import compile as compile_lib
+
+        sys.exit(compile_lib.main(argv[2:]))
     # ``--help`` lists the key flags of the program's main module; under a console script that is
     # the wrapper, not this module, so register ours for it (and say how to export).
     for flag in ("config", "workdir"):
