@@ -139,6 +139,7 @@ _SHAPE = re.compile(r"[a-z][a-z0-9]*\[([0-9,]*)\]")
 _CALLEE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_INT_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
 
 
 def _dims(text: str) -> list[int]:
@@ -178,7 +179,9 @@ def hlo_dot_flops(hlo_text: str) -> tuple[float, float]:
     """``(once, scaled)`` FLOPs of the dots and convolutions of an HLO module's text.
 
     ``once`` counts every computation once per call site, as ``cost_analysis()`` does; ``scaled``
-    multiplies the body (and condition) of each ``while`` by its ``known_trip_count``. XLA's
+    multiplies the body (and condition) of each ``while`` by its trip count: the
+    ``known_trip_count`` XLA records (CPU), else the one integer constant of the loop's condition
+    computation (TPU HLO; ``lax.scan``/``fori_loop`` count from 0 by 1 up to it). XLA's
     count with trip counts accounted is then ``cost_analysis()["flops"] + scaled - once``.
     """
     flops: dict[str, float] = {}
@@ -187,12 +190,13 @@ def hlo_dot_flops(hlo_text: str) -> tuple[float, float]:
     entry = None
     current = None
     shapes: dict[str, list[int]] = {}
+    constants: dict[str, list[int]] = {}
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
         if header:
             current = header.group(1)
             order.append(current)
-            flops[current], calls[current], shapes = 0.0, [], {}
+            flops[current], calls[current], constants[current], shapes = 0.0, [], [], {}
             if line.startswith("ENTRY"):
                 entry = current
             continue
@@ -202,15 +206,25 @@ def hlo_dot_flops(hlo_text: str) -> tuple[float, float]:
         if definition:
             shapes[definition.group(1)] = _dims(definition.group(2))
         flops[current] += _instruction_flops(line, shapes)
+        constants[current] += [int(c) for c in _INT_CONSTANT.findall(line)]
         trip = _TRIP.search(line)
         for kind, callee in _CALLEE.findall(line):
-            n = int(trip.group(1)) if trip and kind in ("body", "condition") else 1
-            calls[current].append((callee, n))
+            if kind in ("body", "condition"):
+                condition = re.search(r"condition=%?([\w.\-]+)", line).group(1)
+                calls[current].append((callee, int(trip.group(1)) if trip else condition))
+            else:
+                calls[current].append((callee, 1))
         branches = _BRANCHES.search(line)
         if branches:
             calls[current] += [(b.strip().lstrip("%"), 1) for b in branches.group(1).split(",")]
     if entry is None:
         return 0.0, 0.0
+
+    def trip_count(n) -> int:  # a number, or the name of the loop's condition computation
+        if isinstance(n, int):
+            return n
+        bound = constants.get(n, [])
+        return bound[0] if len(bound) == 1 else 1
     once = dict.fromkeys(order, 0.0)
     scaled = dict.fromkeys(order, 0.0)
     once[entry] = scaled[entry] = 1.0
@@ -218,7 +232,7 @@ def hlo_dot_flops(hlo_text: str) -> tuple[float, float]:
         for callee, n in calls[name]:
             if callee in once:
                 once[callee] += once[name]
-                scaled[callee] += scaled[name] * n
+                scaled[callee] += scaled[name] * trip_count(n)
     return (sum(flops[c] * once[c] for c in order), sum(flops[c] * scaled[c] for c in order))
 
 

@@ -49,3 +49,36 @@ def test_loop_bodies_are_scaled_by_their_trip_count():
     assert once == 2 * 16 * 32 * 32 and scaled == 6 * once
     xla = rolled.cost_analysis()["flops"] + scaled - once
     assert abs(xla - unrolled.cost_analysis()["flops"]) / xla < 1e-3
+
+
+TPU_STYLE_HLO = """\
+%fused (p0: f32[4,8], p1: f32[8,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,8]{1,0} parameter(1)
+  ROOT %convolution.5 = f32[4,8]{1,0:T(8,128)} convolution(%p0, %p1), dim_labels=bf_io->bf
+}
+
+%body (w: (s32[], f32[4,8], f32[8,8])) -> (s32[], f32[4,8], f32[8,8]) {
+  %w = (s32[], f32[4,8]{1,0}, f32[8,8]{1,0}) parameter(0)
+  %a = f32[4,8]{1,0} get-tuple-element(%w), index=1
+  %b = f32[8,8]{1,0} get-tuple-element(%w), index=2
+  %fusion.1 = f32[4,8]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused
+}
+
+%cond (w: (s32[], f32[4,8], f32[8,8])) -> pred[] {
+  %constant.5 = s32[]{:T(128)} constant(6)
+  %i = s32[]{:T(128)} get-tuple-element(%w), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %constant.5), direction=LT
+}
+
+ENTRY %main (x: f32[4,8], y: f32[8,8]) -> f32[4,8] {
+  %t = (s32[], f32[4,8]{1,0}, f32[8,8]{1,0}) tuple(%z, %x, %y)
+  %while.9 = (s32[], f32[4,8]{1,0}, f32[8,8]{1,0}) while(%t), condition=%cond, body=%body
+}
+"""
+
+
+def test_tpu_loops_take_the_bound_of_their_condition():
+    """TPU HLO has no known_trip_count: the loop bound is the constant its condition compares to;
+    TPU dots are convolutions whose operand shapes are defined earlier in the computation."""
+    assert hlo_dot_flops(TPU_STYLE_HLO) == (2 * 4 * 8 * 8, 6 * 2 * 4 * 8 * 8)
