@@ -51,7 +51,10 @@ setup(
         # Downloading a checkpoint by hub id in LensPipeline.from_pretrained.
         "hub": ["huggingface_hub"],
         "gpu": ["jax[cuda12]"],
-        "tpu": ["jax[tpu]"],
+        # libtpu: TPU runs, and compiling for TPU slices on any host (lens-train compile, the
+        # launch scripts' preflight, tests/tpu). Pinned to the jax version the suite passed with:
+        # libtpu and jaxlib must match.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
     entry_points={
         "console_scripts": [

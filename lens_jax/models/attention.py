@@ -12,6 +12,9 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from lens_jax import sharding
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,28 @@ def cudnn_attention(q, k, v, segment_ids):
                                         implementation="cudnn")
 
 
-def splash_attention(q, k, v, segment_ids, block_size: int = 512):
-    """Pallas splash attention on TPU with segment ids; pads the sequence to the block size."""
+def splash_attention(q, k, v, segment_ids, block_size: int = 512, *, interpret: bool = False):
+    """Pallas splash attention (TPU) with segment ids; pads the sequence to the block size.
+
+    Mosaic kernels are not partitioned by XLA, so under an active ``use_rules`` mesh the kernel runs
+    in ``shard_map``: rows over the mesh axes of the ``batch`` rule, heads over those of ``heads``
+    (dimensions an axis does not divide stay whole), the sequence whole on every device.
+    ``interpret=True`` runs the kernel in the Pallas interpreter (any backend; tests).
+    """
+    active = sharding.active()
+    local = functools.partial(_splash_local, block_size=block_size, interpret=interpret)
+    if active is None:
+        return local(q, k, v, segment_ids)
+    mesh, rules = active
+    names = sharding.logical_to_spec(("batch", None, "heads", None), rules, mesh)
+    qkv = sharding.fit_spec(names, q.shape, mesh)  # [B, N, H, D]
+    seg = PartitionSpec(qkv[0], None)              # [B, N]
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
+def _splash_local(q, k, v, segment_ids, *, block_size: int, interpret: bool):
+    """The kernel on one device's rows and heads: ``[B, N, H, D]`` -> ``[B, N, H, D]``."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernel, splash_attention_mask as mask_lib)
 
@@ -49,10 +72,10 @@ def splash_attention(q, k, v, segment_ids, block_size: int = 512):
     padded = -(-n // block) * block
     pad = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
     q, k, v = (jnp.pad(t, pad).transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, N', D]
-    seg = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])
+    seg = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])  # padding keys are segment 0
     mha = kernel.make_splash_mha(
         mask=mask_lib.MultiHeadMask([mask_lib.FullMask((padded, padded))] * h),
-        head_shards=1, q_seq_shards=1,
+        head_shards=1, q_seq_shards=1, interpret=interpret,
         block_sizes=kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                                       block_q_dkv=block, block_kv_dkv=block,
                                       block_kv_dkv_compute=block, block_q_dq=block,
@@ -76,9 +99,18 @@ def resolve(choice: str, backend: str | None = None) -> str:
     return wanted
 
 
+def target_backend() -> str:
+    """The platform the traced code is for: the active mesh's devices (an AOT compile for a TPU
+    topology from a CPU host is for ``tpu``), else ``jax.default_backend()``."""
+    active = sharding.active()
+    if active is not None:
+        return active[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
 def attention(q, k, v, segment_ids, implementation: str = "auto", splash_block_size: int = 512):
-    """Segment-masked attention by the implementation ``resolve`` picks."""
-    impl = resolve(implementation)
+    """Segment-masked attention by the implementation ``resolve`` picks for ``target_backend()``."""
+    impl = resolve(implementation, target_backend())
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids, splash_block_size)
     if impl == "cudnn":

@@ -11,6 +11,8 @@ depends only on (seed, image index), so batch size and device count do not chang
 Every argument is checked before any weight is read. --out may not be (or lie inside, or
 contain) the --model folder. A random checkpoint to try this with:
 lens-convert random --out /tmp/lens-tiny --preset tiny
+lens-sample compile --topology v5e-8 compiles the sampler for a TPU host and prints its memory
+(lens_jax.sampling.compile).
 """
 
 from __future__ import annotations
@@ -126,6 +128,10 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["compile"]:  # lens-sample compile
+        from lens_jax.sampling import compile as compile_lib
+
+        return compile_lib.main((sys.argv[1:] if argv is None else list(argv))[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -4,7 +4,9 @@ Trains (or resumes, when DIR holds checkpoints) the Lens denoiser. Any config fi
 overridden on the command line, e.g. --config.num_steps=200 --config.optimizer.lr=1e-4
 --config.data.path=/data/shapes. Every field, its value and what it means:
 lens-train --config configs/NAME.py --help_config. lens-train export ... exports saved weights
-to a diffusers folder (lens-train export --help).
+to a diffusers folder (lens-train export --help); lens-train compile --config CFG --topology
+v5p-128 compiles the step for a TPU slice from any host and says whether it fits
+(lens-train compile --help, docs/tpu.md).
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         from lens_jax.train import export
 
         sys.exit(export.main(argv[2:]))
+    if len(argv) > 1 and argv[1] == "compile":
+        from lens_jax.train import compile as compile_lib
+
+        sys.exit(compile_lib.main(argv[2:]))
     from lens_jax.train import config_help
 
     config_help.main_hook(argv[1:])  # --help_config; an unknown --config.FIELD in one line
