@@ -55,6 +55,11 @@ def use_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _active.value = previous
 
 
+def active_rules() -> "tuple[Mesh, Rules] | None":
+    """The ``(mesh, rules)`` of the enclosing ``use_rules`` context, or None outside one."""
+    return getattr(_active, "value", None)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names under the active rules; identity otherwise."""
     active = getattr(_active, "value", None)
