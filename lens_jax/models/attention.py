@@ -13,6 +13,9 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from lens_jax import sharding as sharding_lib
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +71,27 @@ def pallas_gpu_attention(q, k, v, segment_ids, block_size: int = 128, interpret:
     """
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
-    b, n, h, d = q.shape
-    padded = -(-n // block_size) * block_size
-    pad = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
-    q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
-    seg = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])
-    blocks = dataclasses.replace(pallas_attention.BlockSizes.get_default(), block_q=block_size,
-                                 block_k=block_size)
-    out = pallas_attention.mha(q, k, v, seg, sm_scale=d ** -0.5, block_sizes=blocks,
-                               interpret=interpret)
-    return out[:, :n]
+    def kernel(q, k, v, segment_ids):
+        b, n, h, d = q.shape
+        padded = -(-n // block_size) * block_size
+        pad = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+        seg = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])
+        blocks = dataclasses.replace(pallas_attention.BlockSizes.get_default(), block_q=block_size,
+                                     block_k=block_size)
+        out = pallas_attention.mha(q, k, v, seg, sm_scale=d ** -0.5, block_sizes=blocks,
+                                   interpret=interpret)
+        return out[:, :n]
+
+    active = sharding_lib.active_rules()
+    if active is None or active[0].size == 1:
+        return kernel(q, k, v, segment_ids)
+    # XLA cannot partition a Pallas kernel: under a mesh it runs per shard, rows over the batch
+    # axes and heads over ``tensor`` (the layout the transformer constrains q/k/v to).
+    mesh, rules = active
+    spec = sharding_lib.logical_to_spec(("batch", "length", "heads", "head_dim"), rules, mesh)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(*spec[:2])),
+                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
 
 
 def gpu_attention(q, k, v, segment_ids, packed: bool = True):

@@ -62,6 +62,26 @@ def test_pallas_gpu_kernel_with_segment_ids_matches_xla():
                       packed_segments())
 
 
+def test_pallas_gpu_kernel_runs_per_shard_under_a_mesh():
+    """Under ``use_rules`` the kernel runs in shard_map (rows over data/fsdp, heads over tensor)."""
+    pytest.importorskip("jax.experimental.pallas.ops.gpu.attention")
+    from jax.sharding import Mesh
+
+    from lens_jax.sharding import use_rules
+    from lens_jax.train.config import DEFAULT_RULES, MESH_AXES
+
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(1, 1, 2, 2), MESH_AXES)  # fsdp 2 x tensor 2
+    seg = packed_segments()
+    q, k, v = qkv()
+
+    def run(q, k, v, s):
+        with use_rules(mesh, DEFAULT_RULES):
+            return attention_lib.pallas_gpu_attention(q, k, v, s, interpret=True)
+
+    assert "manual_computation" in jax.jit(run).lower(q, k, v, seg).as_text()
+    check_against_xla(jax.jit(run), seg)
+
+
 def test_cudnn_padding_path_matches_xla():
     """The reordering + sequence lengths of ``cudnn_attention``, run through XLA on CPU."""
     check_against_xla(lambda q, k, v, s: attention_lib.cudnn_attention(q, k, v, s, implementation="xla"),
