@@ -20,6 +20,7 @@ DEFAULT_RULES = (
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("experts", ("fsdp", "tensor")),  # GPT-OSS experts (E=32): the axes whose sizes divide E
     ("mlp", "tensor"),
     ("modulation", "tensor"),
     ("embed_out", "tensor"),
