@@ -154,7 +154,11 @@ def main_hook(argv: Sequence[str]) -> None:
             config = train_config(transformer_config())
             print("(no --config given: the library defaults)")
         else:
-            config = load_config_file(spec)
+            try:
+                config = load_config_file(spec)
+            except ValueError as e:
+                print(f"lens-train: error: {e}", file=sys.stderr)
+                sys.exit(2)
         print(describe(config))
         sys.exit(0)
     message = check_overrides(argv)
