@@ -64,11 +64,6 @@ def _command(args: Sequence[str]) -> None:
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()):
     """The config of ``path`` (``FILE`` or ``FILE:ARG``) with ``--config.FIELD=VALUE`` overrides,
     parsed exactly as ``lens-train`` parses them (``lens_jax.train.config_files``)."""
-    from lens_jax.train import config_files
-
-    file = str(path).rsplit(":", 1)[0] if ":" in str(path)[2:] else str(path)
-    if not Path(file).is_file():
-        raise FileNotFoundError(f"config file {file} not found")
     return config_files.load(str(path), overrides)
 
 

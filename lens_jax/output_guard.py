@@ -52,6 +52,12 @@ def _inside(inner: Path | str, outer: Path | str) -> bool:
     return outer in inner.parents
 
 
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (symlinks resolved)."""
+    p, f = _resolved(path), _resolved(folder)
+    return p == f or _inside(p, f)
+
+
 def check_output(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None],
                  out_name: str = "--out") -> None:
     """Raises ``OutputError`` if ``out`` equals, contains or lies inside one of ``inputs``

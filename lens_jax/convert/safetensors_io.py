@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -150,8 +150,11 @@ class SafetensorsFolder:
     def _handle(self, key: str):
         path = self._key_file[key]
         if path not in self._handles:
-            handle = safe_open(path, framework="numpy")
-            self._handles[path] = handle.__enter__()
+            try:
+                handle = safe_open(path, framework="numpy")
+                self._handles[path] = handle.__enter__()
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
         return self._handles[path]
 
     def keys(self) -> list[str]:
@@ -184,8 +187,11 @@ class SafetensorsFolder:
         """
         if key not in self._key_file:
             raise CheckpointError(f"{self.folder}: missing tensor {key!r}")
-        with safe_open(self._key_file[key], framework="numpy") as f:
-            return np.array(f.get_tensor(key), copy=True)
+        try:
+            with safe_open(self._key_file[key], framework="numpy") as f:
+                return np.array(f.get_tensor(key), copy=True)
+        except (SafetensorError, OSError) as e:  # e.g. the file changed since it was checked
+            raise CheckpointError(f"{self._key_file[key]}: cannot read tensor {key!r} ({e})") from e
 
 
 def read_json(path: str | os.PathLike) -> dict:

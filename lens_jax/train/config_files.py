@@ -9,6 +9,7 @@ take the same two flags with the same type rules (``--config.num_steps=200``,
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -78,6 +79,9 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
 
     ``overrides``: ``--config.FIELD=VALUE`` / ``--config.FIELD VALUE`` words as on a command line.
     Errors are ``ValueError`` with one line naming the flag (and the closest fields for a typo)."""
+    file = path.rsplit(":", 1)[0] if ":" in path[2:] else path  # FILE:ARG (not a drive letter)
+    if not os.path.isfile(file):
+        raise ValueError(f"--config {file}: no such file")
     argv = ["lens", f"--config={path}", *overrides]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
@@ -91,4 +95,9 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
         names = [o.partition("=")[0][len("--config."):] for o in overrides]
         messages = [m for m in (unknown_field_message(base, n) for n in names) if m]
         raise ValueError(messages[0] if messages else f"--config {path}: bad override") from None
-    return values.config
+    config = values.config
+    try:
+        config.keys()  # config_flags defers a load failure (a missing file, a syntax error) to here
+    except OSError as e:
+        raise ValueError(f"--config {path}: " + " ".join(str(e).split())[:500]) from None
+    return config

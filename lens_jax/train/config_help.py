@@ -103,7 +103,11 @@ def main_hook(argv: Sequence[str]) -> None:
             config = train_config(transformer_config())
             print("(no --config given: the library defaults)")
         else:
-            config = config_files.load(spec)
+            try:
+                config = config_files.load(spec)
+            except (ValueError, FileNotFoundError) as e:
+                print(f"lens-train: error: {e}", file=sys.stderr)
+                sys.exit(2)
         print(describe(config))
         sys.exit(0)
     message = check_overrides(argv)

@@ -89,11 +89,6 @@ def export(workdir: str | Path, out: str | Path, step: int = -1, ema: bool = Tru
     return path
 
 
-def _inside(path: str | Path, folder: str | Path) -> bool:
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return path == folder or folder in path.parents
-
-
 def main(argv: list[str] | None = None) -> int:
     import contextlib
 
@@ -109,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.overwrite:
             output_guard.check_replaceable(args.out, DIFFUSERS_PATTERNS, "lens-train export")
         # Writing into the run directory takes its lock: refused while lens-train runs there.
-        with (workdir_lock.acquire(args.workdir, "lens-train export") if _inside(args.out, args.workdir)
+        inside = output_guard.is_within(args.out, args.workdir)
+        with (workdir_lock.acquire(args.workdir, "lens-train export") if inside
               else contextlib.nullcontext()):
             export(args.workdir, args.out, args.step, args.ema, args.dtype, args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, workdir_lock.WorkdirLocked) as e:

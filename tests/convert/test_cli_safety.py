@@ -243,3 +243,14 @@ def test_wrong_config_types_are_one_line_errors_for_every_component(tmp_path):
     (tmp_path / "te" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"te/config.json: .*'two'"):
         text_encoder.read_config(tmp_path / "te")
+
+
+def test_file_cut_after_the_check_is_still_named(ckpt):
+    from lens_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder
+
+    folder = SafetensorsFolder(ckpt / "transformer")
+    key = folder.keys()[-1]
+    path = folder.file_of(key)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{path}: cannot read tensor"):
+        folder.read(key)

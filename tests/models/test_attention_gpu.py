@@ -92,7 +92,7 @@ def test_gpu_dispatch_by_packed_flag(monkeypatch):
     calls = []
     monkeypatch.setattr(attention_lib, "pallas_gpu_attention", lambda *a: calls.append("pallas"))
     monkeypatch.setattr(attention_lib, "cudnn_attention", lambda *a: calls.append("cudnn"))
-    monkeypatch.setattr(attention_lib, "resolve", lambda choice: "cudnn")
+    monkeypatch.setattr(attention_lib, "resolve", lambda choice, backend=None: "cudnn")
     q, k, v = qkv()
     attention_lib.attention(q, k, v, single_segment(), "auto")
     attention_lib.attention(q, k, v, single_segment(), "auto", packed=False)
