@@ -9,7 +9,10 @@ setup(
                 "data pipeline, sampler and trainer",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["lens_jax", "lens_jax.*"]),
+    # configs/ (the training recipes, read by path with --config FILE) is also the package
+    # lens_jax.configs, so that a config imports the one it extends without touching sys.path.
+    packages=find_packages(include=["lens_jax", "lens_jax.*"]) + ["lens_jax.configs"],
+    package_dir={"lens_jax.configs": "configs"},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",
@@ -51,7 +54,10 @@ setup(
         # Downloading a checkpoint by hub id in LensPipeline.from_pretrained.
         "hub": ["huggingface_hub"],
         "gpu": ["jax[cuda12]"],
-        "tpu": ["jax[tpu]"],
+        # libtpu: TPU runs, and compiling for TPU slices on any host (lens-train compile, the
+        # launch scripts' preflight, tests/tpu). Pinned to the jax version the suite passed with:
+        # libtpu and jaxlib must match.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
     entry_points={
         "console_scripts": [

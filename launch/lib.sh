@@ -108,3 +108,25 @@ split_flag_values() {
     shift
   done
 }
+
+# Preflight: compile the training step for the target slices on this machine (lens-train
+# compile: libtpu's compiler, abstract weights, no TPU needed) before TPUs are asked for, so a
+# configuration that cannot fit fails here in minutes. Needs lens_jax with the tpu extra
+# installed locally (pip install -e '.[tpu]'); $PREFLIGHT_PYTHON (default python3) runs it.
+# preflight REPO_ROOT CONFIG TYPE NUM_SLICES [lens-train flags: the --config.* ones are used]
+preflight() {
+  local root=$1 config=$2 type=$3 slices=$4 flag
+  shift 4
+  local args=("${PREFLIGHT_PYTHON:-python3}" -m lens_jax.train.cli compile --config "$config"
+    --topology "$type" --num-slices "$slices")
+  for flag in "$@"; do
+    if [[ $flag == --config.* ]]; then
+      args+=("$flag")
+    fi
+  done
+  printf '# preflight: compiling the training step for %s x %s here (--no-preflight skips)\n' \
+    "$slices" "$type"
+  run_sh "cd $(quote "$root") && $(quote_all "${args[@]}")" \
+    || die "preflight: the training step of $config does not compile or fit on $slices x $type" \
+      "(see above); change the config, or skip the check with --no-preflight"
+}

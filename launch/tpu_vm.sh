@@ -65,6 +65,8 @@ Options:
   --megascale-port PORT   port of the megascale coordinator (default 8080)
   --log-worker W          worker whose log 'logs' streams (default 0)
   --log-node N            multi-slice: node (slice) whose log 'logs' streams (default 0)
+  --no-preflight          do not compile the training step for --type here first
+                          (lens-train compile, on by default for create and launch)
   --dry-run               print every command, run none
   -h, --help              this help
 
@@ -104,6 +106,7 @@ MEGASCALE_PORT=8080
 LOG_WORKER=0
 LOG_NODE=0
 DRY_RUN=0
+PREFLIGHT=1
 TRAIN_ARGS=()
 
 split_flag_values "$@"
@@ -138,6 +141,7 @@ while [[ $# -gt 0 ]]; do
     --log-worker) needs_value "$1" $# "${2:-}"; nonnegative_int "$1" "$2"; LOG_WORKER=$2; shift 2 ;;
     --log-node) needs_value "$1" $# "${2:-}"; nonnegative_int "$1" "$2"; LOG_NODE=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --no-preflight) PREFLIGHT=0; shift ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
     -*) die "unknown option '$1'" ;;
     *)
@@ -376,6 +380,10 @@ do_status() {
 
 if [[ $DRY_RUN == 1 ]]; then
   echo "# dry run: commands are printed, not run"
+fi
+# The training step must compile and fit on the slices before any TPU is asked for.
+if [[ $PREFLIGHT == 1 && ($COMMAND == create || $COMMAND == launch) ]]; then
+  preflight "$REPO_ROOT" "$CONFIG" "$TYPE" "$NUM_SLICES" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"
 fi
 case $COMMAND in
   create) do_create ;;

@@ -43,6 +43,8 @@ Options:
   --workdir DIR           training workdir: gs://BUCKET/PATH (required by create)
   --env KEY=VALUE         environment variable for lens-train (repeatable)
   --all-workers           logs: every host of every slice, prefixed with the pod name
+  --no-preflight          do not compile the training step for --tpu-type here first
+                          (lens-train compile, on by default for create and launch)
   --dry-run               print every command, run none
   -h, --help              this help
 
@@ -72,6 +74,7 @@ WORKDIR=""
 ENVS=()
 ALL_WORKERS=0
 DRY_RUN=0
+PREFLIGHT=1
 TRAIN_ARGS=()
 
 split_flag_values "$@"
@@ -94,6 +97,7 @@ while [[ $# -gt 0 ]]; do
     --env) needs_value "$1" $# "${2:-}"; env_assignment "$1" "$2"; ENVS+=("$2"); shift 2 ;;
     --all-workers) ALL_WORKERS=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --no-preflight) PREFLIGHT=0; shift ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
     -*) die "unknown option '$1'" ;;
     *)
@@ -212,6 +216,10 @@ do_logs() {
 
 if [[ $DRY_RUN == 1 ]]; then
   echo "# dry run: commands are printed, not run"
+fi
+# The training step must compile and fit on the slices before the workload is queued.
+if [[ $PREFLIGHT == 1 && ($COMMAND == create || $COMMAND == launch) ]]; then
+  preflight "$REPO_ROOT" "$CONFIG" "$TPU_TYPE" "$NUM_SLICES" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"
 fi
 case $COMMAND in
   create) do_create ;;

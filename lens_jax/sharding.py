@@ -55,6 +55,29 @@ def use_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _active.value = previous
 
 
+def active() -> tuple[Mesh, Rules] | None:
+    """The ``(mesh, rules)`` of the innermost ``use_rules`` context, or None outside one."""
+    return getattr(_active, "value", None)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (those dimensions are replicated)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        kept = []
+        size = 1
+        for a in names:
+            if dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names under the active rules; identity otherwise."""
     active = getattr(_active, "value", None)

@@ -6,10 +6,10 @@ tensorstore's ``gcs`` driver. GCS has no append and no rename, so:
 
 - a single file is written whole: ``write_bytes``/``write_text`` (a temporary name renamed locally;
   on GCS an object appears only when its upload completes, so it is atomic as it is);
-- a folder (``atomic_output_dir``) is built in a local temporary folder, then renamed into place
-  locally, or uploaded to GCS with the JSON files of each folder after its other files and the
-  deepest folders first, so a reader that waits for ``config.json``/``model_index.json`` never
-  sees half a folder;
+- a folder (``remote_output_dir``) is built in a local temporary folder, then uploaded to GCS
+  with the JSON files of each folder after its other files and the deepest folders first, so a
+  reader that waits for ``config.json``/``model_index.json`` never sees half a folder (local
+  folders: ``lens_jax.convert.safetensors_io.atomic_output_dir``, a rename);
 - a growing file (``metrics.jsonl``, TensorBoard events: ``lens_jax.train.metrics``) lives in a
   local mirror and is uploaded whole (``Mirror``);
 - files a C++ reader must open locally (ArrayRecord shards) are copied once into a local cache
@@ -191,40 +191,23 @@ def upload_dir(local: str | os.PathLike, remote: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh local temporary folder; on success it becomes ``out_dir``.
-
-    Local ``out_dir``: the folder is made beside it and renamed into place (an old ``out_dir``
-    is replaced only with ``overwrite``). ``gs://`` ``out_dir``: the folder is made under the
-    system's temporary directory and uploaded (``upload_dir``) after an old ``out_dir`` is
-    deleted. On any exception the temporary folder is deleted and ``out_dir`` is left untouched.
-    """
+def remote_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """For a ``gs://`` ``out_dir``: yields a fresh local temporary folder, uploaded to ``out_dir``
+    (``upload_dir``, after an old ``out_dir`` is deleted) when the block succeeds. On any
+    exception nothing is uploaded and ``out_dir`` is left untouched. (Local folders:
+    ``lens_jax.convert.safetensors_io.atomic_output_dir``, which calls this one for ``gs://``.)"""
     out = path(out_dir)
+    if not is_remote(out):
+        raise ValueError(f"{out_dir}: not a gs:// path")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite)")
-    remote = is_remote(out)
-    if not remote:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=None if remote else os.fspath(out.parent)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-"))
     try:
         yield tmp
-        if remote:
-            rmtree(out)
-            upload_dir(tmp, out)
-    except BaseException:
+        rmtree(out)
+        upload_dir(tmp, out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if remote:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    out = Path(os.fspath(out))
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def cache_dir() -> Path:

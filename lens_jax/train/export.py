@@ -19,7 +19,7 @@ from lens_jax import storage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lens-train export", description=__doc__,
+    p = argparse.ArgumentParser(prog="lens-train export", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True,
                    help="training run directory, local or gs://BUCKET/PATH (holds config.json, checkpoints/)")
@@ -95,10 +95,25 @@ def export(workdir: str | Path, out: str | Path, step: int = -1, ema: bool = Tru
 
 
 def main(argv: list[str] | None = None) -> int:
+    import contextlib
+
+    from lens_jax import output_guard
+    from lens_jax.convert.transformer import DIFFUSERS_PATTERNS
+    from lens_jax.train import workdir_lock
+
     args = build_parser().parse_args(argv)
     try:
-        export(args.workdir, args.out, args.step, args.ema, args.dtype, args.overwrite)
-    except (FileNotFoundError, ValueError) as e:
+        workdir = storage.path(args.workdir)  # local or gs://
+        output_guard.check_output(args.out, {"--workdir checkpoints": workdir / "checkpoints",
+                                             "--workdir config": workdir / "config.json"})
+        if args.overwrite:
+            output_guard.check_replaceable(args.out, DIFFUSERS_PATTERNS, "lens-train export")
+        # Writing into the run directory takes its lock: refused while lens-train runs there.
+        inside = output_guard.is_within(args.out, args.workdir)
+        with (workdir_lock.acquire(args.workdir, "lens-train export") if inside
+              else contextlib.nullcontext()):
+            export(args.workdir, args.out, args.step, args.ema, args.dtype, args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, workdir_lock.WorkdirLocked) as e:
         print(f"lens-train export: {e}", file=sys.stderr)
         return 2
     return 0

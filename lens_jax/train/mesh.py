@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from lens_jax.sharding import logical_to_spec
+from lens_jax.sharding import fit_spec, logical_to_spec
 from lens_jax.train.config import MESH_AXES
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> bool:
         kwargs["num_processes"] = int(config.num_processes)
     if config.process_id >= 0:
         kwargs["process_id"] = int(config.process_id)
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(heartbeat_timeout_seconds=int(config.heartbeat_timeout_s),
+                               shutdown_timeout_seconds=int(config.shutdown_timeout_s), **kwargs)
     log.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
     return True
 
@@ -67,10 +68,13 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence | None = None) -> Mesh:
-    """A ``Mesh`` with axes (slice, data, fsdp, tensor) from ``config.mesh``.
+    """A ``Mesh`` with axes (slice, data, fsdp, tensor) from ``config.mesh``, laid out on the topology.
 
-    Multi-slice (``slice > 1``) uses ``mesh_utils.create_hybrid_device_mesh`` so that only the
-    ``slice`` axis crosses the data-centre network.
+    One slice: ``jax.make_mesh`` (``mesh_utils.create_device_mesh``: neighbouring mesh coordinates
+    on neighbouring chips of the TPU torus; other backends keep the device order). Several slices
+    (devices with distinct ``slice_index``): ``mesh_utils.create_hybrid_device_mesh``, so that only
+    the ``slice`` axis crosses the data-centre network; ``config.mesh.slice`` must equal the number
+    of slices. A shape that does not match the devices is a ValueError naming both.
     """
     if devices is None:
         devices = jax.devices()
@@ -79,22 +83,30 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence | None =
                 raise ValueError(f"config.mesh.num_devices={mesh_config.num_devices} but only "
                                  f"{len(devices)} devices exist")
             devices = devices[:mesh_config.num_devices]
+    devices = list(devices)
     sizes = mesh_shape(mesh_config, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    if sizes["slice"] > 1:
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if sizes["slice"] != num_slices:
+        raise ValueError(f"config.mesh {sizes} has slice={sizes['slice']} but the {len(devices)} "
+                         f"devices ({devices[0].device_kind}) form {num_slices} slice(s): set "
+                         f"--config.mesh.slice={num_slices}")
+    if num_slices > 1:
         from jax.experimental import mesh_utils
 
         per_slice = (1,) + shape[1:]
-        dcn = (sizes["slice"], 1, 1, 1)
-        array = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices=devices)
-    else:
-        try:
-            from jax.experimental import mesh_utils
-
-            array = mesh_utils.create_device_mesh(shape, devices=devices)
-        except Exception:  # noqa: BLE001 - fake CPU devices / unusual topologies
-            array = np.asarray(devices).reshape(shape)
-    return Mesh(array, MESH_AXES)
+        dcn = (num_slices, 1, 1, 1)
+        array = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices=devices,
+                                                     allow_split_physical_axes=True)
+        return Mesh(array, MESH_AXES)
+    try:
+        # Auto axes: shardings come from in/out_shardings and constraints, as before jax 0.7's
+        # Explicit default.
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                             devices=devices)
+    except (ValueError, NotImplementedError) as e:  # a shape the physical topology cannot hold
+        raise ValueError(f"config.mesh {sizes} cannot be laid out on {len(devices)} "
+                         f"{devices[0].device_kind} devices: {e}") from e
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -102,28 +114,10 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in ("slice", "data", "fsdp") if a in mesh.shape)
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Drops mesh axes from dimensions they do not divide (those dimensions are replicated)."""
-    out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        if axes is None:
-            out.append(None)
-            continue
-        names = (axes,) if isinstance(axes, str) else tuple(axes)
-        kept = []
-        size = 1
-        for a in names:
-            if dim % (size * mesh.shape[a]) == 0:
-                kept.append(a)
-                size *= mesh.shape[a]
-        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return PartitionSpec(*out)
-
-
 def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules) -> dict:
     """NamedShardings for a parameter tree from its logical-name specs (non-divisible dims replicated)."""
     return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _fit_spec(logical_to_spec(tuple(spec), rules, mesh),
+        lambda spec, x: NamedSharding(mesh, fit_spec(logical_to_spec(tuple(spec), rules, mesh),
                                                       x.shape, mesh)),
         logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, PartitionSpec))
 

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from lens_jax.models import config as config_lib
+from lens_jax.train import hosts, rundir
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,23 @@ class StepFlops:
         return float(override) if override and override > 0 else device_peak_flops()
 
 
+def data_metrics_over_hosts(scalars: dict[str, float]) -> dict[str, float]:
+    """The input pipeline's metrics (``LensDataIterator.metrics()``) of every host combined:
+    counts (skips, segments, batches) summed; packing efficiencies averaged weighted by each host's
+    batches (every host's batch has the same token budget). Every process calls it (a collective)."""
+    names = sorted(scalars)
+    table = hosts.gather(np.asarray([scalars[n] for n in names], np.float64))  # [P, metrics]
+    batches = table[:, names.index("data/batches")] if "data/batches" in names else None
+    out = {}
+    for i, name in enumerate(names):
+        column = table[:, i]
+        if name.startswith("data/packing_efficiency/") and batches is not None:
+            out[name] = float((column * batches).sum() / max(batches.sum(), 1.0))
+        else:
+            out[name] = float(column.sum())
+    return out
+
+
 class MetricWriter:
     """Scalars to ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard; images too.
 
@@ -76,8 +94,9 @@ class MetricWriter:
     files live in a local mirror (``lens_jax.storage.Mirror``) and are uploaded whole at most every
     ``upload_every_s`` seconds, on ``flush()`` (the trainer calls it with every checkpoint, so the
     rows of every step a resume will not redo are stored) and on ``close``; an existing
-    ``metrics.jsonl`` is first copied down and continued. TensorBoard events go to a new event file (a new object) once the current one
-    passes ``TB_ROLL_BYTES``, so no upload rewrites more than that. Local folders are written in place.
+    ``metrics.jsonl`` is first copied down and continued. TensorBoard events go to a new event
+    file (a new object) once the current one passes ``TB_ROLL_BYTES``, so no upload rewrites more
+    than that. Local folders are written in place.
     """
 
     TB_ROLL_BYTES = 8 << 20
@@ -92,7 +111,7 @@ class MetricWriter:
         if not enabled:
             return
         self.mirror = storage.Mirror(self.workdir, min_interval_s=upload_every_s)
-        self.jsonl = open(self.mirror.pull("metrics.jsonl"), "a")
+        self.jsonl = open(self.mirror.pull(rundir.METRICS), "a")
         self._tb_class = None
         if cfg.tensorboard:
             try:
@@ -108,7 +127,7 @@ class MetricWriter:
     def _open_tb(self) -> None:
         if self._tb_class is not None:
             self._tb_suffix = f".{os.getpid()}.{self._tb_files}"
-            self.tb = self._tb_class(str(self.mirror.local / "tensorboard"), filename_suffix=self._tb_suffix)
+            self.tb = self._tb_class(str(self.mirror.local / rundir.TENSORBOARD), filename_suffix=self._tb_suffix)
             self._tb_files += 1
 
     def flush(self) -> None:
@@ -120,11 +139,11 @@ class MetricWriter:
         if self.tb is not None:
             self.tb.flush()
             if self.mirror.is_remote:  # a full event file becomes a final object; a new one follows
-                current = [f for f in (self.mirror.local / "tensorboard").iterdir()
+                current = [f for f in (self.mirror.local / rundir.TENSORBOARD).iterdir()
                            if f.name.endswith(self._tb_suffix)]
                 if current and current[0].stat().st_size > self.TB_ROLL_BYTES:
                     self.tb.close()
-                    self.mirror.forget(f"tensorboard/{current[0].name}")
+                    self.mirror.forget(f"{rundir.TENSORBOARD}/{current[0].name}")
                     self._open_tb()
         self.mirror.sync(force=force)
 

@@ -93,7 +93,9 @@ def test_tpu_vm_single_slice(stubs):
     assert "--config.mesh.slice" not in train  # one slice: no slice axis
     assert "tail -n +1 -F ~/lens_train.log" in lines[-1] and "--worker=0" in lines[-1]
     order = [i for i, line in enumerate(lines) if line.startswith("+ ")]
-    assert len(order) == 6  # create, tarball, scp, install, train, logs
+    assert len(order) == 7  # preflight, create, tarball, scp, install, train, logs
+    assert ("python3 -m lens_jax.train.cli compile --config configs/tiny.py --topology "
+            "v5litepod-16 --num-slices 1 --config.num_steps=10") in lines[order[0]]
     # down = stop + delete
     out = dry("tpu_vm.sh", "down", "--name", "lens-v5e", "--zone", "us-west4-a", env=env)
     assert "kill" in out and "lens_train.pid" in out
@@ -476,3 +478,32 @@ def test_shellcheck_passes():
                              *(str(LAUNCH / s) for s in SCRIPTS), str(LAUNCH / "lib.sh")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script,args", [
+    ("tpu_vm.sh", ["launch", "--name", "t", "--zone", "z", "--type", "v5p-128", "--num-slices", "2",
+                   "--workdir", "gs://b/r"]),
+    ("xpk.sh", ["launch", "--cluster", "c", "--workload", "w", "--tpu-type", "v5p-128",
+                "--num-slices", "2", "--zone", "z", "--workdir", "gs://b/r"]),
+])
+def test_preflight_compiles_before_tpus_are_asked_for(stubs, tmp_path, script, args):
+    """lens-train compile for the target topology runs first; when it fails (does not fit), the
+    script stops before gcloud/xpk is called; --no-preflight skips it."""
+    env, log = stubs
+    out = dry(script, *args, "--", "--config.model.remat=full", "--other", env=env)
+    commands = [line for line in out.splitlines() if line.startswith("+ ")]
+    assert "-m lens_jax.train.cli compile --config configs/lens_3p8b_stage1_512.py" in commands[0]
+    assert "--topology v5p-128 --num-slices 2 --config.model.remat=full" in commands[0]
+    assert "--other" not in commands[0]
+    assert "compile" not in dry(script, *args, "--no-preflight", env=env)
+
+    fake = tmp_path / "fake_python"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "preflight %s\\n" "$*" >> "{log}"\n'
+                    'echo "train_step needs 120 GiB per chip" >&2\nexit 4\n')
+    fake.chmod(0o755)
+    result = run(script, *args, env=dict(env, PREFLIGHT_PYTHON=str(fake)))
+    assert result.returncode != 0
+    assert "does not compile or fit on 2 x v5p-128" in result.stderr
+    assert "--no-preflight" in result.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith("preflight -m lens_jax.train.cli compile")

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from lens_jax import storage
+from lens_jax.convert.safetensors_io import atomic_output_dir
 
 
 def test_emulator_variable_is_mapped_for_every_library():
@@ -40,14 +41,14 @@ def test_files_folders_and_mirror(where, tmp_path, request):
     if where == "local":
         assert not [n for n in os.listdir(tmp_path / "root") if ".tmp-" in n]
 
-    with storage.atomic_output_dir(f"{root}/out") as tmp:
+    with atomic_output_dir(f"{root}/out") as tmp:
         (tmp / "sub").mkdir()
         (tmp / "sub" / "x.txt").write_text("x")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        with storage.atomic_output_dir(f"{root}/out"):
+        with atomic_output_dir(f"{root}/out"):
             pass
     with pytest.raises(RuntimeError):
-        with storage.atomic_output_dir(f"{root}/out", overwrite=True) as tmp:
+        with atomic_output_dir(f"{root}/out", overwrite=True) as tmp:
             (tmp / "y.txt").write_text("y")
             raise RuntimeError("a failed conversion")
     assert storage.read_text(f"{root}/out/sub/x.txt") == "x"  # untouched by the failed write

@@ -1,0 +1,101 @@
+"""The runs behind docs/tpu.md: ``lens-train compile`` of each shipped config on each slice.
+
+  python benchmarks/tpu_compile_table.py --out /tmp/tpu_table.jsonl [--only s1:v5p-128,...]
+
+Each run is one subprocess (``python -m lens_jax.train.cli compile ... --report``); its command
+and its figures are appended to ``--out`` as one JSON line as soon as it finishes, so a long
+batch can be read (and restarted with ``--skip-done``) while it runs. ``--remat-search`` tries the
+remat policies from least to most recomputation around the config's own and keeps the first
+that fits (none < save_dots < save_dots_no_batch < save_qkv_attn < full).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIGS = {  # short name -> config file, per-chip batch overrides (one packed row per chip)
+    "s1": ("configs/lens_3p8b_stage1_512.py", {"grad_accum_steps": 1}),
+    "s2": ("configs/lens_3p8b_stage2_mixed.py", {"grad_accum_steps": 1}),
+    "ft": ("configs/lens_3p8b_finetune.py", {"grad_accum_steps": 1}),
+}
+from lens_jax.train.compile import REMAT_ORDER  # noqa: E402  (least to most recomputation)
+CHIPS_PER_HOST = {"v5p": 4, "v4": 4, "v5e": 4, "v6e": 4}  # slices above 8 chips
+
+
+def command(config: str, topology: str, slices: int, overrides: dict, report: str) -> list[str]:
+    cmd = [sys.executable, "-m", "lens_jax.train.cli", "compile", "--config", config,
+           "--topology", topology, "--num-slices", str(slices), "--report", report]
+    return cmd + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def run_one(name: str, topology: str, slices: int, extra: dict, remat: str | None, timeout: int
+            ) -> dict:
+    config, base = CONFIGS[name]
+    overrides = dict(base)
+    overrides["data.rows_per_host"] = CHIPS_PER_HOST[topology.split("-")[0]]  # 1 row per chip
+    overrides["model.attention"] = "splash"
+    if remat:
+        overrides["model.remat"] = remat
+    overrides.update(extra)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.json")
+        cmd = command(config, topology, slices, overrides, report)
+        start = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            rc, err = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired:
+            rc, err = None, f"timed out after {timeout} s"
+        row = {"name": name, "topology": topology, "slices": slices, "remat": remat,
+               "command": "lens-train compile " + shlex.join(cmd[4:]).replace(f" --report {report}", ""),
+               "rc": rc, "wall_s": round(time.time() - start, 1),
+               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        if os.path.exists(report):
+            row.update(json.load(open(report)))
+        else:
+            row["error"] = "\n".join(line for line in err.splitlines()
+                                     if "lens-train compile" in line or "timed out" in line)[-2000:]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--only", default="s1:v5p-128,s1:v6e-256,s2:v5p-128,s1:v5e-256,s1:v4-128,"
+                   "s2:v6e-256,ft:v5p-128,s2:v5e-256,s2:v4-128,ft:v6e-256,ft:v5e-256,ft:v4-128",
+                   help="NAME:TOPOLOGY[:SLICES[:FIELD=VALUE;...]] comma-separated")
+    p.add_argument("--remat-search", action="store_true")
+    p.add_argument("--timeout", type=int, default=1800)
+    args = p.parse_args()
+    for item in args.only.split(","):
+        parts = item.split(":")
+        name, topology = parts[0], parts[1]
+        slices = int(parts[2]) if len(parts) > 2 and parts[2] else 1
+        extra = dict(kv.split("=", 1) for kv in parts[3].split(";")) if len(parts) > 3 else {}
+        remat, direction = None, 0
+        while True:
+            row = run_one(name, topology, slices, extra, remat, args.timeout)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            fits = row.get("fits")
+            print(row["command"], "->", "fits" if fits else "does not fit" if "programs" in row
+                  else row.get("error", "failed"), flush=True)
+            if not args.remat_search or "programs" not in row:
+                break
+            direction = direction or (-1 if fits else 1)
+            if (direction == -1) != bool(fits):  # went one too far, or found the first that fits
+                break
+            i = REMAT_ORDER.index(row["remat"]) + direction
+            if not 0 <= i < len(REMAT_ORDER):
+                break
+            remat = REMAT_ORDER[i]
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,619 @@
+"""``lens-train compile --config CFG --topology NAME [--num-slices N] [--config.FIELD=VALUE ...]``.
+
+Compiles the real training step for a TPU slice from this host, TPU or not (libtpu's compiler,
+``jax.experimental.topologies``): the mesh of the config over the topology's devices, the state,
+batch and frozen encoders as abstract arrays (``jax.ShapeDtypeStruct`` with ``NamedSharding``; no
+checkpoint is read), GPT-OSS-20B inside the step when ``text_encoder.kind="gpt_oss"``, the FLUX.2
+VAE encoder as its own program (one host's images of one bucket, on one chip). Prints per program
+and chip the argument, output, temporary and total bytes, the chip's HBM and the headroom, XLA's
+FLOPs (scan/while bodies multiplied by their trip counts) beside the analytic model FLOPs of
+``lens_jax.train.metrics.StepFlops``, and the compile time.
+
+Exit status: 0 when every program fits, ``EXIT_DOES_NOT_FIT`` (4) with what to try when one does
+not, 2 for a bad topology/config. ``--save-executable PATH`` writes the compiled step
+(``jax.experimental.serialize_executable``; ``load_executable`` reads it back on a TPU host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lens_jax.sharding import use_rules
+from lens_jax.train import mesh as mesh_lib
+from lens_jax.train import topologies
+
+GiB = float(1 << 30)
+EXIT_DOES_NOT_FIT = 4
+EXIT_BAD_INPUT = 2
+
+
+# ----------------------------------------------------------------------------- XLA's figures
+
+@dataclasses.dataclass
+class ProgramReport:
+    """Per-chip figures of one compiled program (bytes; FLOPs per chip and step)."""
+
+    name: str
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    hbm_bytes: int
+    xla_flops: float          # trip counts accounted (hlo_flops)
+    xla_flops_raw: float      # cost_analysis() as XLA reports it (loop bodies once)
+    analytic_flops: float     # model FLOPs per chip (0: none for this program)
+    compile_s: float
+    resident_bytes: int = 0   # bytes of another program live at the same time (state during VAE)
+    mosaic_calls: int = 0     # Pallas TPU kernels (splash attention) in the compiled program
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak per chip: arguments + outputs not aliased to (donated) arguments + temporaries +
+        code, plus what stays resident meanwhile."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes + self.resident_bytes)
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.hbm_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+
+_OUT_OF_HBM = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\).*available HBM \(([0-9.]+)([KMGT])\)")
+
+
+def per_chip_bytes(tree) -> int:
+    """Bytes one chip holds of a tree of sharded ``ShapeDtypeStruct``s (the most loaded chip)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def compile_or_report(name: str, lowered, abstract_args, topo: topologies.Topology,
+                      analytic_flops: float, start: float, resident_bytes: int = 0):
+    """``(compiled, report)``. ``compiled`` is None when the program cannot fit: its arguments
+    (counted from their shardings) already exceed the chip's HBM (not compiled; temporaries 0), or
+    XLA stops because the temporaries do (the report holds XLA's figure for them). No FLOPs then."""
+    args = per_chip_bytes(abstract_args)
+    if args + resident_bytes > topo.hbm_bytes:  # no need to compile: the inputs alone overflow
+        return None, ProgramReport(name, args, 0, 0, 0, 0, topo.hbm_bytes, float("nan"),
+                                   float("nan"), analytic_flops, time.perf_counter() - start,
+                                   resident_bytes)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        m = _OUT_OF_HBM.search(str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+            raise
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        temp = float(m.group(1)) * unit[m.group(2)]
+        return None, ProgramReport(name, args, 0, 0, int(temp), 0, topo.hbm_bytes, float("nan"),
+                                   float("nan"), analytic_flops, time.perf_counter() - start,
+                                   resident_bytes)
+    return compiled, program_report(name, compiled, topo.hbm_bytes, analytic_flops,
+                                    time.perf_counter() - start, resident_bytes)
+
+
+def program_report(name: str, compiled, hbm_bytes: int, analytic_flops: float, compile_s: float,
+                   resident_bytes: int = 0) -> ProgramReport:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    raw = float((cost or {}).get("flops", 0.0))
+    text = compiled.as_text()
+    once, scaled = hlo_dot_flops(text)
+    return ProgramReport(
+        name=name, argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
+        hbm_bytes=int(hbm_bytes), xla_flops=raw + (scaled - once), xla_flops_raw=raw,
+        analytic_flops=float(analytic_flops), compile_s=float(compile_s),
+        resident_bytes=int(resident_bytes), mosaic_calls=text.count('"tpu_custom_call"'))
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_SHAPE = re.compile(r"[a-z][a-z0-9]*\[([0-9,]*)\]")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_INT_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[a-z][a-z0-9]*\[([0-9,]*)\]")
+
+
+def _instruction_flops(line: str, shapes: dict[str, list[int]]) -> float:
+    """2 x multiply-adds of a ``dot`` or ``convolution`` HLO instruction (0 for anything else).
+    Operand shapes come from the operand text when printed there, else from ``shapes`` (the
+    computation's earlier definitions)."""
+    m = re.search(r"=\s*\S+?\[([0-9,]*)\]\S*\s+(dot|convolution)\((.*?)\)", line)
+    if not m:
+        return 0.0
+    out = math.prod(_dims(m.group(1)))
+    if "[" in m.group(3):
+        operands = [_dims(d) for d in _SHAPE.findall(m.group(3))]
+    else:
+        operands = [shapes.get(name) for name in re.findall(r"%?([\w.\-]+)", m.group(3))]
+    if len(operands) < 2 or operands[0] is None or operands[1] is None:
+        return 0.0
+    lhs, rhs = operands[0], operands[1]
+    if m.group(2) == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line)
+        k = math.prod(lhs[i] for i in _dims(contracting.group(1))) if contracting else 1
+        return 2.0 * out * k
+    labels = re.search(r"dim_labels=\w+_(\w+)->", line)  # kernel labels, e.g. 01io
+    if not labels or len(labels.group(1)) != len(rhs):
+        return 0.0
+    k = math.prod(d for d, c in zip(rhs, labels.group(1)) if c != "o")
+    return 2.0 * out * k
+
+
+def hlo_dot_flops(hlo_text: str) -> tuple[float, float]:
+    """``(once, scaled)`` FLOPs of the dots and convolutions of an HLO module's text.
+
+    ``once`` counts every computation once per call site, as ``cost_analysis()`` does; ``scaled``
+    multiplies the body (and condition) of each ``while`` by its trip count: the
+    ``known_trip_count`` XLA records (CPU), else the one integer constant of the loop's condition
+    computation (TPU HLO; ``lax.scan``/``fori_loop`` count from 0 by 1 up to it). XLA's
+    count with trip counts accounted is then ``cost_analysis()["flops"] + scaled - once``.
+    """
+    flops: dict[str, float] = {}
+    calls: dict[str, list[tuple[str, int]]] = {}
+    order: list[str] = []
+    entry = None
+    current = None
+    shapes: dict[str, list[int]] = {}
+    constants: dict[str, list[int]] = {}
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = header.group(1)
+            order.append(current)
+            flops[current], calls[current], constants[current], shapes = 0.0, [], [], {}
+            if line.startswith("ENTRY"):
+                entry = current
+            continue
+        if current is None or line.strip() == "}":
+            continue
+        definition = _DEFINITION.match(line)
+        if definition:
+            shapes[definition.group(1)] = _dims(definition.group(2))
+        flops[current] += _instruction_flops(line, shapes)
+        constants[current] += [int(c) for c in _INT_CONSTANT.findall(line)]
+        trip = _TRIP.search(line)
+        for kind, callee in _CALLEE.findall(line):
+            if kind in ("body", "condition"):
+                condition = re.search(r"condition=%?([\w.\-]+)", line).group(1)
+                calls[current].append((callee, int(trip.group(1)) if trip else condition))
+            else:
+                calls[current].append((callee, 1))
+        branches = _BRANCHES.search(line)
+        if branches:
+            calls[current] += [(b.strip().lstrip("%"), 1) for b in branches.group(1).split(",")]
+    if entry is None:
+        return 0.0, 0.0
+
+    def trip_count(n) -> int:  # a number, or the name of the loop's condition computation
+        if isinstance(n, int):
+            return n
+        bound = constants.get(n, [])
+        return bound[0] if len(bound) == 1 else 1
+    once = dict.fromkeys(order, 0.0)
+    scaled = dict.fromkeys(order, 0.0)
+    once[entry] = scaled[entry] = 1.0
+    for name in reversed(order):  # callees are printed before their callers
+        for callee, n in calls[name]:
+            if callee in once:
+                once[callee] += once[name]
+                scaled[callee] += scaled[name] * trip_count(n)
+    return (sum(flops[c] * once[c] for c in order), sum(flops[c] * scaled[c] for c in order))
+
+
+# ----------------------------------------------------------------------------- abstract inputs
+
+def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, rows: int, sharding) -> dict:
+    """The step's batch (``rows`` packed rows, every host together) as abstract arrays: the keys
+    of ``lens_jax.data.packing.build_batch`` (+ ``sigma``; ``latents`` for ``image_encoder=vae``)."""
+    from lens_jax.data.packing import build_batch
+    from lens_jax.data.pipeline import _dtype as pixel_dtype
+
+    d = config.data
+    empty = build_batch([], image_tokens=int(d.image_tokens), text_tokens=int(d.text_tokens),
+                        max_segments=int(d.max_segments), caption_length=int(d.caption_length),
+                        pixel_dtype=pixel_dtype(d.pixel_dtype))
+    batch = {k: _sds((rows,) + v.shape[1:], v.dtype, sharding) for k, v in empty.items()}
+    if d.emit_sigma:
+        batch["sigma"] = _sds((rows, int(d.max_segments)), jnp.float32, sharding)
+    if config.image_encoder.kind == "vae":
+        del batch["image_patches"]
+        batch["latents"] = _sds((rows, int(d.image_tokens), int(config.model.in_channels)),
+                                jnp.float32, sharding)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractTextEncoder:
+    """What the step reads of a loaded ``TextEncoder`` (config, selected layers, MoE kernel)."""
+
+    config: Any
+    selected: tuple[int, ...]
+    moe_impl: str
+    mxfp4: bool
+    dtype: str
+
+
+def text_encoder_spec(config: ml_collections.ConfigDict, backend: str) -> AbstractTextEncoder:
+    """GPT-OSS-20B as the Lens checkpoint loads it (bf16, MXFP4 experts), or the tiny random
+    encoder of ``text_encoder.path="random"`` (the trainer's test encoder)."""
+    from lens_jax.models.text_encoder import GptOssConfig, resolve_moe_impl
+
+    m = config.model
+    selected = tuple(int(i) for i in m.selected_layer_index)
+    moe = resolve_moe_impl("auto", backend)
+    if config.text_encoder.path == "random":
+        n = max(selected) + 1
+        cfg = GptOssConfig(vocab_size=512, hidden_size=int(m.enc_hidden_dim), num_hidden_layers=n,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           intermediate_size=int(m.enc_hidden_dim), num_local_experts=4,
+                           num_experts_per_tok=2, sliding_window=8)
+        return AbstractTextEncoder(cfg, selected, moe, False, "float32")
+    cfg = GptOssConfig()  # gpt-oss-20b (spec 4.1)
+    if cfg.hidden_size != int(m.enc_hidden_dim):
+        raise ValueError(f"config.model.enc_hidden_dim={m.enc_hidden_dim} but GPT-OSS-20B has "
+                         f"hidden size {cfg.hidden_size}")
+    return AbstractTextEncoder(cfg, selected, moe, True, "bfloat16")
+
+
+def text_param_spec(path: tuple[str, ...], logical_axes: tuple, mesh: Mesh) -> PartitionSpec:
+    """The sharding of one GPT-OSS parameter inside the training step (one place to change).
+
+    Today: replicated on every chip (the MoE sorts the global token axis and does not partition).
+    """
+    del path, logical_axes, mesh
+    return PartitionSpec()
+
+
+def abstract_text_params(enc: AbstractTextEncoder, mesh: Mesh) -> dict:
+    from lens_jax.models.text_encoder import param_specs, spec_dtype
+
+    out: dict = {"layers": {}}
+    for path, (shape, kind, axes) in param_specs(enc.config, max(enc.selected) + 1, enc.mxfp4).items():
+        arr = _sds(shape, spec_dtype(kind, enc.dtype),
+                   NamedSharding(mesh, text_param_spec(path, axes, mesh)))
+        if path[0] == "layers":
+            out["layers"][path[1]] = arr
+        else:
+            out[path[0]] = arr
+    return out
+
+
+def abstract_frozen(config: ml_collections.ConfigDict, mesh: Mesh,
+                    enc: AbstractTextEncoder | None) -> dict:
+    """The ``frozen`` argument of ``Trainer.train_step`` (keys of ``trainer.build_frozen``)."""
+    from lens_jax.train import objective
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    ie, te, m = config.image_encoder, config.text_encoder, config.model
+    frozen = {"nan_at_step": _sds((), jnp.int32, rep)}
+    if ie.kind == "dct":
+        frozen["dct"] = _sds(np.shape(objective.dct_basis(int(m.in_channels))), jnp.float32, rep)
+    if te.kind == "embedding":
+        frozen["text_tables"] = _sds((len(m.selected_layer_index), int(te.vocab_size),
+                                      int(m.enc_hidden_dim)), jnp.float32, rep)
+    elif te.kind == "gpt_oss":
+        frozen["text_params"] = abstract_text_params(enc, mesh)
+    return frozen
+
+
+@contextlib.contextmanager
+def _abstract_text_encoder(enc: AbstractTextEncoder | None):
+    """The trainer looks its text encoder up by config (``trainer._text_encoder``), which would load
+    a checkpoint; while compiling it gets the abstract description instead."""
+    if enc is None:
+        yield
+        return
+    from lens_jax.train import trainer as trainer_lib
+
+    with mock.patch.object(trainer_lib, "_text_encoder", lambda config: enc):
+        yield
+
+
+# ----------------------------------------------------------------------------- the programs
+
+def analytic_step_flops(config: ml_collections.ConfigDict, rows: int) -> float:
+    """``StepFlops.train_flops`` of a step whose rows are full: ``max_segments`` equal segments."""
+    from lens_jax.train.metrics import StepFlops
+
+    d = config.data
+    k = int(d.max_segments)
+    img, txt = rows * int(d.image_tokens), rows * int(d.text_tokens)
+    pairs = rows * k * ((int(d.image_tokens) + int(d.text_tokens)) / k) ** 2
+    return StepFlops(config.model).train_flops(img, txt, rows * k, pairs)
+
+
+@dataclasses.dataclass
+class CompileResult:
+    topology: topologies.Topology
+    num_slices: int
+    mesh_shape: dict
+    rows: int
+    programs: list[ProgramReport]
+    executable: Any = None
+    text_encoder_bytes: int = 0  # GPT-OSS parameters per chip inside the step
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.programs)
+
+
+def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
+                  num_slices: int = 1, log=print) -> CompileResult:
+    """Compiles the training step (and the VAE encoder program) for ``num_slices`` x ``topo``."""
+    from lens_jax.train.trainer import Trainer
+
+    devices = topologies.topology_devices(topo, num_slices)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mesh.num_devices = 0
+    if int(config.mesh.slice) == 1 and num_slices > 1:
+        config.mesh.slice = num_slices
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    hosts = topo.hosts * num_slices
+    rows = int(config.data.rows_per_host) * hosts
+    chips = len(devices)
+    log(f"topology {topo.name}: {topo.topology} x {num_slices} slice(s), {chips} chips, "
+        f"{hosts} hosts, mesh {dict(mesh.shape)}, {rows} rows per step "
+        f"({rows / chips:g} per chip), attention={config.model.attention}, "
+        f"remat={config.model.remat}")
+    enc = (text_encoder_spec(config, "tpu") if config.text_encoder.kind == "gpt_oss" else None)
+    trainer = Trainer(config, mesh, with_encoders=False)
+    state = trainer.abstract_state()
+    batch = abstract_batch(config, rows, trainer.batch_sharding)
+    frozen = abstract_frozen(config, mesh, enc)
+    text_bytes = per_chip_bytes(frozen.get("text_params", {}))
+    if enc is not None:
+        log(f"text encoder: GPT-OSS ({enc.config.num_hidden_layers} layers, MoE {enc.moe_impl}), "
+            f"{text_bytes / GiB:.2f} GiB of parameters per chip")
+
+    def step(state, batch, frozen):
+        with use_rules(mesh, trainer.rules):
+            return trainer.train_step(state, batch, frozen)
+
+    jitted = jax.jit(step, out_shardings=(trainer.state_shardings, trainer.replicated),
+                     donate_argnums=(0,))
+    start = time.perf_counter()
+    analytic = analytic_step_flops(config, rows) / chips
+    with _abstract_text_encoder(enc):
+        lowered = jitted.lower(state, batch, frozen)
+    compiled, report = compile_or_report("train_step", lowered, (state, batch, frozen), topo,
+                                         analytic, start)
+    programs = [report]
+    if config.image_encoder.kind == "vae":
+        state_bytes = programs[0].argument_bytes
+        programs.append(compile_vae_encode(config, devices[0], topo, resident_bytes=state_bytes))
+    return CompileResult(topo, num_slices, dict(mesh.shape), rows, programs, compiled, text_bytes)
+
+
+def vae_model(dtype: str = "bfloat16", random_small: bool = False):
+    """Abstract FLUX.2 VAE (``nnx.eval_shape``; the tiny random one of ``path="random"``)."""
+    from flax import nnx
+
+    from lens_jax.models.vae import AutoencoderKLFlux2, VAEConfig
+
+    cfg = (VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
+           if random_small else VAEConfig())
+    return nnx.eval_shape(lambda: AutoencoderKLFlux2(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                     param_dtype=dtype))
+
+
+def compile_vae_encode(config: ml_collections.ConfigDict, device, topo: topologies.Topology,
+                       resident_bytes: int = 0) -> ProgramReport:
+    """The trainer's host-side VAE encoder (``VAEBatchEncoder``): one host's images of the largest
+    bucket of the config in one call, on one chip (the training state stays resident there)."""
+    from flax import nnx
+
+    from lens_jax.data.buckets import make_buckets
+
+    d = config.data
+    buckets = make_buckets(tuple(d.base_sizes), float(d.bucket_scale))
+    if tuple(d.aspect_ratios):
+        buckets = [b for b in buckets if b.ratio_index in {int(i) for i in d.aspect_ratios}]
+    largest = max(buckets, key=lambda b: b.num_tokens)
+    per_row = max(1, int(d.image_tokens) // largest.num_tokens)
+    images = int(d.rows_per_host) * min(per_row, int(d.max_segments))
+    model = vae_model(random_small=config.image_encoder.path == "random")
+    graphdef, state = nnx.split(model)
+    one = NamedSharding(Mesh(np.asarray([device]), ("chip",)), PartitionSpec())
+    state = jax.tree.map(lambda x: _sds(x.shape, x.dtype, one), state)
+    pixels = _sds((images, largest.height, largest.width, 3), jnp.float32, one)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_moments(x))
+    start = time.perf_counter()
+    return compile_or_report(f"vae_encode[{images}x{largest.height}x{largest.width}]",
+                             fn.lower(state, pixels), (state, pixels), topo, 0.0, start,
+                             resident_bytes)[1]
+
+
+# ----------------------------------------------------------------------------- the report
+
+# Remat policies of lens_jax.models.transformer, from least to most recomputation.
+REMAT_ORDER = ("none", "save_dots", "save_dots_no_batch", "save_qkv_attn", "full")
+
+COLUMNS = ("program", "args_GiB", "out_GiB", "temp_GiB", "total_GiB", "hbm_GiB", "headroom_GiB",
+           "fits", "xla_TFLOP", "analytic_TFLOP", "compile_s")
+
+
+def report_rows(programs: Sequence[ProgramReport]) -> list[dict]:
+    return [{"program": p.name, "args_GiB": p.argument_bytes / GiB, "out_GiB": p.output_bytes / GiB,
+             "temp_GiB": p.temp_bytes / GiB, "total_GiB": p.total_bytes / GiB,
+             "hbm_GiB": p.hbm_bytes / GiB, "headroom_GiB": p.headroom_bytes / GiB,
+             "fits": "yes" if p.fits else "NO", "xla_TFLOP": p.xla_flops / 1e12,
+             "analytic_TFLOP": p.analytic_flops / 1e12, "compile_s": p.compile_s,
+             "xla_TFLOP_loop_bodies_once": p.xla_flops_raw / 1e12, "mosaic_calls": p.mosaic_calls}
+            for p in programs]
+
+
+def format_table(programs: Sequence[ProgramReport]) -> str:
+    """Per chip: one row per program (bytes in GiB; TFLOP per chip and step). ``parse_table``
+    reads it back."""
+    rows = report_rows(programs)
+    cells = [list(COLUMNS)] + [[r[c] if isinstance(r[c], str) else f"{r[c]:.4g}" for c in COLUMNS]
+                               for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def parse_table(text: str) -> list[dict]:
+    """The rows of ``format_table`` found in ``text`` (numbers as floats)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["program"])
+    header = lines[start].split()
+    out = []
+    for line in lines[start + 1:]:
+        values = line.split()
+        if len(values) != len(header):
+            break
+        out.append({h: v if h in ("program", "fits") else float(v) for h, v in zip(header, values)})
+    return out
+
+
+def advice(config: ml_collections.ConfigDict, result: CompileResult) -> str:
+    """Why it does not fit, by how much, and what to try."""
+    lines = []
+    for p in result.programs:
+        if not p.fits:
+            lines.append(f"{p.name} needs {p.total_bytes / GiB:.2f} GiB per chip but a "
+                         f"{result.topology.generation} chip has {p.hbm_bytes / GiB:.2f} GiB: "
+                         f"{-p.headroom_bytes / GiB:.2f} GiB short")
+    m, mesh = config.model, result.mesh_shape
+    per_chip = result.rows / max(1, math.prod(mesh.values()))
+    lines.append("try, from least to most recomputation / throughput lost:")
+    if m.remat in REMAT_ORDER[:-1]:
+        more = REMAT_ORDER[REMAT_ORDER.index(m.remat) + 1:]
+        lines.append(f"  more rematerialisation: --config.model.remat={more[0]} (now {m.remat!r}; "
+                     f"order {' < '.join(REMAT_ORDER)})")
+    if mesh.get("data", 1) > 1 or mesh.get("tensor", 1) > 1:
+        lines.append(f"  more FSDP: --config.mesh.data=1 --config.mesh.fsdp=-1 (now {mesh})")
+    lines.append(f"  fewer rows per chip: --config.data.rows_per_host=N (now "
+                 f"{config.data.rows_per_host} per host = {per_chip:g} per chip), or "
+                 f"--config.grad_accum_steps=2 to keep the global batch")
+    if config.text_encoder.kind == "gpt_oss":
+        lines.append("  encode captions offline (the GPT-OSS-20B parameters are replicated on "
+                     "every chip inside the step)")
+    return "\n".join(lines)
+
+
+def save_executable(compiled, path: str | os.PathLike) -> None:
+    """Serializes a compiled executable (written to a temporary name, then renamed)."""
+    from jax.experimental.serialize_executable import serialize
+
+    payload, in_tree, out_tree = serialize(compiled)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump({"payload": payload, "in_tree": in_tree, "out_tree": out_tree,
+                     "jax": jax.__version__}, f)
+    os.replace(tmp, path)
+
+
+def load_executable(path: str | os.PathLike):
+    """A ``save_executable`` file -> a callable compiled step (on the TPU it was compiled for)."""
+    from jax.experimental.serialize_executable import deserialize_and_load
+
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    if saved["jax"] != jax.__version__:
+        raise ValueError(f"{path}: compiled with jax {saved['jax']}, this is jax {jax.__version__}")
+    return deserialize_and_load(saved["payload"], saved["in_tree"], saved["out_tree"])
+
+
+# ----------------------------------------------------------------------------- the command
+
+def main(argv: list[str] | None = None) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Training config file; override fields with --config.FIELD=VALUE.",
+        flag_values=fv, lock_config=True)
+    flags.DEFINE_string("topology", None, "v5p-N, v6e-N, v5e-N (= v5litepod-N), v4-N, or a libtpu "
+                        "string such as v5p:2x2x1", flag_values=fv)
+    flags.DEFINE_integer("num_slices", 1, "slices joined over the data-centre network", flag_values=fv)
+    flags.DEFINE_string("save_executable", None, "write the compiled step here", flag_values=fv)
+    flags.DEFINE_string("report", None, "also write the figures as JSON here", flag_values=fv)
+    argv = list(sys.argv[2:] if argv is None else argv)
+    # absl spells multi-word flags with underscores; accept the documented dashes too.
+    argv = [re.sub(r"^--(num|save)-", r"--\1_", a) for a in argv]
+    try:
+        rest = fv(["lens-train compile"] + argv)
+    except flags.Error as e:
+        print(f"lens-train compile: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if len(rest) > 1 or fv.config is None or fv.topology is None:
+        print("usage: lens-train compile --config CFG --topology NAME [--num-slices N] "
+              "[--save-executable PATH] [--report JSON] [--config.FIELD=VALUE ...]"
+              + (f"; unexpected {rest[1:]}" if len(rest) > 1 else ""), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    config = config_flag.value
+    topologies.compile_only_backend()
+    try:
+        topo = topologies.topology(fv.topology)
+        result = compile_train(config, topo, int(fv.num_slices))
+    except (ValueError, RuntimeError) as e:
+        print(f"lens-train compile: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(format_table(result.programs), flush=True)
+    if fv.report:
+        tmp = f"{fv.report}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"topology": topo.name, "libtpu_topology": topo.topology,
+                       "num_slices": result.num_slices, "mesh": result.mesh_shape,
+                       "rows": result.rows, "fits": result.fits, "remat": config.model.remat,
+                       "attention": config.model.attention,
+                       "text_encoder": config.text_encoder.kind,
+                       "text_encoder_GiB_per_chip": result.text_encoder_bytes / GiB,
+                       "programs": report_rows(result.programs)}, f, indent=2)
+        os.replace(tmp, fv.report)
+    if fv.save_executable and result.executable is None:
+        print("lens-train compile: nothing to save: the step did not compile", file=sys.stderr)
+    elif fv.save_executable:
+        save_executable(result.executable, fv.save_executable)
+        print(f"saved the compiled step to {fv.save_executable}")
+    if not result.fits:
+        print(f"lens-train compile: does not fit on {topo.name}\n{advice(config, result)}",
+              file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

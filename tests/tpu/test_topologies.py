@@ -1,0 +1,84 @@
+"""The slice table (lens_jax.train.topologies) and XLA's FLOP count with loop trip counts; CPU only."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lens_jax.train import topologies
+from lens_jax.train.compile import hlo_dot_flops
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize("name,topology,chips,per_host,hbm", [
+    ("v5p-8", "v5p:2x2x1", 4, 4, 95 * GiB),
+    ("v5p-64", "v5p:2x4x4", 32, 4, 95 * GiB),
+    ("v5p-128", "v5p:4x4x4", 64, 4, 95 * GiB),
+    ("v4-128", "v4:4x4x4", 64, 4, 32 * GiB),
+    ("v5e-8", "v5e:2x4", 8, 8, 16 * GiB),
+    ("v5litepod-256", "v5e:16x16", 256, 4, 16 * GiB),
+    ("v6e-256", "v6e:16x16", 256, 4, 32 * GiB),
+    ("v6e-8", "v6e:2x4", 8, 8, 32 * GiB),
+    ("v5p:2x2x2", "v5p:2x2x2", 8, 4, 95 * GiB),
+])
+def test_slice_names(name, topology, chips, per_host, hbm):
+    t = topologies.topology(name)
+    assert (t.topology, t.chips, t.chips_per_host, t.hbm_bytes) == (topology, chips, per_host, hbm)
+    assert t.hosts * t.chips_per_host == t.chips
+
+
+@pytest.mark.parametrize("name,message", [
+    ("v5p-7", "must be even"), ("v5p-6", "no v5p slice of 3 chips"), ("v9-8", "unknown TPU generation"),
+    ("tpu", "expected a slice name"), ("v5e:2x2x2", "2 axes"),
+])
+def test_bad_names_say_what_is_known(name, message):
+    with pytest.raises(ValueError, match=message):
+        topologies.topology(name)
+
+
+def test_loop_bodies_are_scaled_by_their_trip_count():
+    """cost_analysis() counts a scan body once; adding the dots' (scaled - once) restores the count
+    of the unrolled program."""
+    def f(x, w, unroll):
+        return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w, unroll=unroll)[0]
+
+    x, w = jnp.ones((16, 32)), jnp.ones((6, 32, 32))
+    rolled = jax.jit(lambda x, w: f(x, w, 1)).lower(x, w).compile()
+    unrolled = jax.jit(lambda x, w: f(x, w, True)).lower(x, w).compile()
+    once, scaled = hlo_dot_flops(rolled.as_text())
+    assert once == 2 * 16 * 32 * 32 and scaled == 6 * once
+    xla = rolled.cost_analysis()["flops"] + scaled - once
+    assert abs(xla - unrolled.cost_analysis()["flops"]) / xla < 1e-3
+
+
+TPU_STYLE_HLO = """\
+%fused (p0: f32[4,8], p1: f32[8,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,8]{1,0} parameter(1)
+  ROOT %convolution.5 = f32[4,8]{1,0:T(8,128)} convolution(%p0, %p1), dim_labels=bf_io->bf
+}
+
+%body (w: (s32[], f32[4,8], f32[8,8])) -> (s32[], f32[4,8], f32[8,8]) {
+  %w = (s32[], f32[4,8]{1,0}, f32[8,8]{1,0}) parameter(0)
+  %a = f32[4,8]{1,0} get-tuple-element(%w), index=1
+  %b = f32[8,8]{1,0} get-tuple-element(%w), index=2
+  %fusion.1 = f32[4,8]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused
+}
+
+%cond (w: (s32[], f32[4,8], f32[8,8])) -> pred[] {
+  %constant.5 = s32[]{:T(128)} constant(6)
+  %i = s32[]{:T(128)} get-tuple-element(%w), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %constant.5), direction=LT
+}
+
+ENTRY %main (x: f32[4,8], y: f32[8,8]) -> f32[4,8] {
+  %t = (s32[], f32[4,8]{1,0}, f32[8,8]{1,0}) tuple(%z, %x, %y)
+  %while.9 = (s32[], f32[4,8]{1,0}, f32[8,8]{1,0}) while(%t), condition=%cond, body=%body
+}
+"""
+
+
+def test_tpu_loops_take_the_bound_of_their_condition():
+    """TPU HLO has no known_trip_count: the loop bound is the constant its condition compares to;
+    TPU dots are convolutions whose operand shapes are defined earlier in the computation."""
+    assert hlo_dot_flops(TPU_STYLE_HLO) == (2 * 4 * 8 * 8, 6 * 2 * 4 * 8 * 8)
