@@ -70,7 +70,17 @@ def configure_emulator(environ=None) -> str | None:
     return url
 
 
+def _configure_gcsfs() -> None:
+    """No cached directory listings: other processes (orbax's tensorstore writes, other hosts, a
+    trainer seen from ``lens-train export``) change the bucket, and a cached listing would hide
+    their checkpoints."""
+    import fsspec
+
+    fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
+
+
 configure_emulator()
+_configure_gcsfs()
 
 
 def is_remote(p: str | os.PathLike) -> bool:
@@ -351,7 +361,8 @@ def read_versioned(p: str | os.PathLike) -> tuple[str | None, int | None]:
         blob = _blob(p)
         try:
             blob.reload()
-            return blob.download_as_bytes(if_generation_match=blob.generation).decode("utf-8"), blob.generation
+            generation = blob.generation
+            return blob.download_as_bytes(if_generation_match=generation).decode("utf-8"), generation
         except exceptions.NotFound:
             return None, None
         except exceptions.PreconditionFailed:

@@ -9,6 +9,7 @@ import importlib.util
 import itertools
 import logging
 import os
+from http import HTTPStatus
 
 import pytest
 
@@ -51,7 +52,7 @@ def _honour_generation_preconditions(server_lib, objects) -> None:
                 except Exception:  # noqa: BLE001 - absent
                     have = "0"
                 if str(have) != want[0]:
-                    response.status = 412
+                    response.status = HTTPStatus.PRECONDITION_FAILED
                     response.json({"error": {"code": 412, "message": "conditionNotMet"}})
                     return None
             return handler(request, response, storage, *args, **kwargs)

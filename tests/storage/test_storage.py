@@ -83,3 +83,17 @@ def test_remote_file_is_cached_locally_once(gcs_bucket, tmp_path, monkeypatch):
     assert storage.local_file(f"{gcs_bucket}/r/shard.array_record-00000-of-00001") == local
     assert os.stat(local).st_mtime_ns == mtime  # reused, not downloaded again
     assert storage.local_file(str(tmp_path / "x")) == str(tmp_path / "x")
+
+
+def test_versioned_object_is_a_compare_and_swap(gcs_bucket):
+    """The workdir lock's store on gs://: writes and deletes only at the generation read."""
+    p = f"{gcs_bucket}/lens_jax.lock"
+    first = storage.write_if_generation(p, "a", 0)
+    assert first and storage.write_if_generation(p, "b", 0) is None  # exists already
+    assert storage.read_versioned(p) == ("a", first)
+    second = storage.write_if_generation(p, "c", first)
+    assert second and second != first
+    assert storage.write_if_generation(p, "d", first) is None  # stale version
+    assert not storage.delete_if_generation(p, first)
+    assert storage.delete_if_generation(p, second)
+    assert storage.read_versioned(p) == (None, None)
