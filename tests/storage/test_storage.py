@@ -97,3 +97,16 @@ def test_versioned_object_is_a_compare_and_swap(gcs_bucket):
     assert not storage.delete_if_generation(p, first)
     assert storage.delete_if_generation(p, second)
     assert storage.read_versioned(p) == (None, None)
+
+
+def test_workdir_lock_on_gcs(gcs_bucket):
+    from lens_jax.train import workdir_lock
+
+    run = f"{gcs_bucket}/run"
+    lock = workdir_lock.acquire(run, "lens-train", heartbeat_s=0)
+    assert storage.exists(f"{run}/{workdir_lock.LOCK_NAME}")
+    with pytest.raises(workdir_lock.WorkdirLocked, match="in use by"):
+        workdir_lock.acquire(run, "lens-train export", heartbeat_s=0)
+    lock.release()
+    assert not storage.exists(f"{run}/{workdir_lock.LOCK_NAME}")
+    workdir_lock.acquire(run, "lens-train", heartbeat_s=0).release()  # free again
