@@ -32,7 +32,7 @@ from tests.conftest import max_rel_err
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent
-TIMEOUT = 400
+TIMEOUT = 900
 STOP_S = 60          # a SIGKILLed process's peer is stopped within this (launcher + heartbeat)
 COMMON = ("--config.mesh.num_devices=0", "--config.logging.every=1",
           "--config.logging.progress=False", "--config.logging.tensorboard=False",
