@@ -276,7 +276,7 @@ def text_encoder_shardings(config: GptOssConfig, num_layers: int, mxfp4: bool, m
     specs = param_specs(config, num_layers, mxfp4)
     logical = unflatten({p: PartitionSpec(*axes) for p, (_, _, axes) in specs.items()})
     abstract = unflatten({p: jax.ShapeDtypeStruct(shape, spec_dtype(kind, jnp.float32))
-                      for p, (shape, kind, _) in specs.items()})
+                          for p, (shape, kind, _) in specs.items()})
     return param_shardings(logical, abstract, mesh, _rule_pairs(rules))
 
 

@@ -25,7 +25,7 @@ def text_preamble(config: ml_collections.ConfigDict) -> int:
 
 
 def build_frozen(config: ml_collections.ConfigDict) -> dict:
-    """Arrays of the frozen encoders used inside the step (replicated)."""
+    """Arrays of the frozen encoders used inside the step (placed by ``frozen_shardings``)."""
     frozen: dict[str, Any] = {}
     ie, te, m = config.image_encoder, config.text_encoder, config.model
     if ie.kind == "dct":
@@ -41,6 +41,23 @@ def build_frozen(config: ml_collections.ConfigDict) -> dict:
     else:
         raise ValueError(f"config.text_encoder.kind={te.kind!r}: expected embedding|gpt_oss")
     return frozen
+
+
+def frozen_shardings(config: ml_collections.ConfigDict, frozen: dict, mesh, rules) -> dict:
+    """Where each frozen array lives: GPT-OSS's parameters sharded as
+    ``text_encoder_shardings`` says (experts over the ``experts`` rule's axes, so the 20B encoder
+    fits beside the denoiser), everything else (DCT basis, embedding tables) replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = jax.tree.map(lambda _: replicated, frozen)
+    if "text_params" in frozen:
+        from lens_jax.models.text_encoder import text_encoder_shardings
+
+        enc = text_encoder(config)
+        shardings["text_params"] = text_encoder_shardings(enc.config, max(enc.selected) + 1,
+                                                          enc.mxfp4, mesh, rules)
+    return shardings
 
 
 @functools.lru_cache(maxsize=4)

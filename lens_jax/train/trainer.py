@@ -54,7 +54,9 @@ class Trainer:
         self.replicated = mesh_lib.replicated(self.mesh)
         self.batch_sharding = mesh_lib.data_sharding(self.mesh)
         self.preamble = encoders.text_preamble(config) if with_encoders else 0
-        self.frozen = jax.device_put(encoders.build_frozen(config), self.replicated) if with_encoders else {}
+        frozen = encoders.build_frozen(config) if with_encoders else {}
+        self.frozen_shardings = encoders.frozen_shardings(config, frozen, self.mesh, self.rules)
+        self.frozen = jax.device_put(frozen, self.frozen_shardings)
         self.state_shardings = self._state_shardings()
         self._step_fn = None
 
@@ -203,7 +205,7 @@ class Trainer:
                 with use_rules(self.mesh, self.rules):
                     return self.train_step(state, batch, frozen)
 
-            frozen_sh = jax.tree.map(lambda _: self.replicated, self.frozen)
+            frozen_sh = self.frozen_shardings
             self._step_fn = jax.jit(
                 step, in_shardings=(self.state_shardings, self.batch_shardings(batch_example), frozen_sh),
                 out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))

@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from tests.conftest import max_rel_err
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent
-TIMEOUT = 400
+TIMEOUT = 900
 STOP_S = 60          # a SIGKILLed process's peer is stopped within this (launcher + heartbeat)
 COMMON = ("--config.mesh.num_devices=0", "--config.logging.every=1",
           "--config.logging.progress=False", "--config.logging.tensorboard=False",
@@ -66,40 +67,51 @@ def records(tmp_path_factory) -> str:
     return str(out)
 
 
-def launch(workdir: Path, env, *args: str, module: str = "lens_jax.train.cli") -> subprocess.Popen:
-    return subprocess.Popen(
-        ["bash", str(REPO / "launch" / "local.sh"), "--workdir", str(workdir), "--processes", "2",
-         "--devices-per-process", "4", "--venv", str(VENV), "--no-install", "--module", module,
-         "--stop-grace", "5", "--", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+class Launch:
+    """``launch/local.sh`` running 2 processes; its output is read continuously by a thread (a
+    full pipe would block the processes' logging)."""
+
+    def __init__(self, workdir: Path, env, *args: str, module: str = "lens_jax.train.cli"):
+        self.proc = subprocess.Popen(
+            ["bash", str(REPO / "launch" / "local.sh"), "--workdir", str(workdir), "--processes",
+             "2", "--devices-per-process", "4", "--venv", str(VENV), "--no-install", "--module",
+             module, "--stop-grace", "5", "--", *args],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(list(self.lines))
+
+    def pids(self) -> dict[int, int]:
+        """The pid of each process (from the launcher's "process i: pid P" lines)."""
+        start = time.monotonic()
+        while True:
+            found = {int(i): int(p) for i, p in
+                     re.findall(r"^\[local\.sh\] process (\d+): pid (\d+)$", self.output, flags=re.M)}
+            if len(found) == 2:
+                return found
+            assert self.proc.poll() is None and time.monotonic() - start < TIMEOUT, self.output[-4000:]
+            time.sleep(0.1)
+
+    def finish(self, expect: int | None = 0) -> str:
+        self.proc.wait(timeout=TIMEOUT)
+        self.reader.join(timeout=60)
+        if expect is not None:
+            assert self.proc.returncode == expect, self.output[-6000:]
+        return self.output
 
 
-def finish(proc: subprocess.Popen, expect: int | None = 0) -> str:
-    out, _ = proc.communicate(timeout=TIMEOUT)
-    if expect is not None:
-        assert proc.returncode == expect, out[-6000:]
-    return out
-
-
-def pids(proc: subprocess.Popen) -> tuple[dict[int, int], list[str]]:
-    """Reads the launcher's output up to both "process i: pid P" lines."""
-    found, lines = {}, []
-    while len(found) < 2:
-        line = proc.stdout.readline()
-        assert line, "".join(lines)
-        lines.append(line)
-        m = re.match(r"\[local\.sh\] process (\d+): pid (\d+)", line)
-        if m:
-            found[int(m.group(1))] = int(m.group(2))
-    return found, lines
-
-
-def wait_for_checkpoint(workdir: Path, step: int, proc: subprocess.Popen) -> None:
+def wait_for_checkpoint(workdir: Path, step: int, run: Launch) -> None:
     start = time.monotonic()
     target = workdir / "checkpoints" / str(step) / "commit_success.txt"
     while not target.exists():
-        assert proc.poll() is None, "the run ended before checkpoint %d" % step
-        assert time.monotonic() - start < TIMEOUT, f"no checkpoint {step}"
+        if run.proc.poll() is not None:
+            raise AssertionError(f"the run ended ({run.proc.returncode}) before checkpoint {step}:\n"
+                                 + run.output[-6000:])
+        assert time.monotonic() - start < TIMEOUT, f"no checkpoint {step}:\n{run.output[-4000:]}"
         time.sleep(0.2)
 
 
@@ -128,8 +140,7 @@ def stop_lines(out: str, why: str) -> set[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, records, env):
     workdir = tmp_path_factory.mktemp("reference")
-    out = finish(launch(workdir, env, f"--config.data.path={records}", *COMMON))
-    return workdir, out
+    return workdir, Launch(workdir, env, f"--config.data.path={records}", *COMMON).finish()
 
 
 def test_out_of_data_on_one_host_stops_both_at_the_same_step(reference):
@@ -154,21 +165,21 @@ def test_kill_term_and_truncation_resume_with_the_reference_losses(tmp_path, rec
     args = (f"--config.data.path={records}", *COMMON)
 
     # SIGKILL of process 1 after the first checkpoint: the launcher stops process 0 and fails.
-    proc = launch(workdir, env, *args)
-    found, _ = pids(proc)
-    wait_for_checkpoint(workdir, 2, proc)
+    run = Launch(workdir, env, *args)
+    found = run.pids()
+    wait_for_checkpoint(workdir, 2, run)
     os.kill(found[1], signal.SIGKILL)
     killed_at = time.monotonic()
-    out = finish(proc, expect=None)
-    assert proc.returncode != 0 and time.monotonic() - killed_at < STOP_S, out[-4000:]
+    out = run.finish(expect=None)
+    assert run.proc.returncode != 0 and time.monotonic() - killed_at < STOP_S, out[-4000:]
 
     # Restart, then SIGTERM to process 0 once it saved a new step: both save one same step, exit 0.
     saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    proc = launch(workdir, env, *args)
-    found, _ = pids(proc)
-    wait_for_checkpoint(workdir, saved + 2, proc)
+    run = Launch(workdir, env, *args)
+    found = run.pids()
+    wait_for_checkpoint(workdir, saved + 2, run)
     os.kill(found[0], signal.SIGTERM)
-    out = finish(proc)
+    out = run.finish()
     stopped = stop_lines(out, "SIGTERM")
     assert len(stopped) == 2 and len({s for _, s in stopped}) == 1, out[-4000:]
     term_step = stopped.pop()[1]
@@ -180,7 +191,7 @@ def test_kill_term_and_truncation_resume_with_the_reference_losses(tmp_path, rec
     assert data_files
     for f in data_files:
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    out = finish(launch(workdir, env, *args))
+    out = Launch(workdir, env, *args).finish()
     for p in (0, 1):
         assert re.search(rf"^\[{p}\] .*checkpoint at step {term_step} .* is skipped", out, re.M), out[-4000:]
     got = {s: r["loss"] for s, r in metrics(workdir).items()}
@@ -194,8 +205,8 @@ def test_two_processes_step_like_one_process_on_eight_devices(layout, tmp_path_f
     out_dir = tmp_path_factory.getbasetemp() / "equivalence"
     if not (out_dir / f"{layout}.npz").exists():
         out_dir.mkdir(exist_ok=True)
-        finish(launch(out_dir, env, f"--config.data.path={records}",
-                      module="tests.multihost.step_worker"))
+        Launch(out_dir, env, f"--config.data.path={records}",
+               module="tests.multihost.step_worker").finish()
     two = np.load(out_dir / f"{layout}.npz")
     config = step_worker.config_for(records, layout)
     losses, params = step_worker.run_layout(config, step_worker.global_batch(config))
