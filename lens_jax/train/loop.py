@@ -1,8 +1,10 @@
 """The training loop of ``lens-train``: restore or init, then steps until ``config.num_steps``.
 
 The device never waits for the host:
-- the next batch is read, VAE-encoded (``image_encoder.kind="vae"``) and put on the devices by a
-  background thread (``BatchFeed``) while the current step runs;
+- the next batch is read and VAE-encoded (``image_encoder.kind="vae"``) by a background thread
+  (``BatchFeed``) while the current step runs, and put on the devices (asynchronously) by the main
+  thread right before its step is dispatched: every program that spans several processes is
+  launched from one thread, in the same order on every process;
 - a step's metrics stay on the device until the next step has been dispatched; only then is its
   loss fetched (the non-finite check) and, at logging steps, the rest of its metrics;
 - the host waits for a step only before saving it or sampling from it.
@@ -41,16 +43,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 class FeedItem(NamedTuple):
-    batch: dict                # on the devices (global arrays)
+    batch: dict                # this host's numpy batch (VAE latents in place of pixels)
     data_state: dict           # the data iterator's state after this batch
     data_metrics: dict         # the pipeline's metrics after this batch (this host)
 
 
 class BatchFeed:
-    """Reads, prepares and places batches ``depth`` steps ahead in a background thread.
+    """Reads and prepares batches ``depth`` steps ahead in a background thread.
 
     ``next()`` returns a ``FeedItem``, or ``None`` when this host's data ran out; an exception in
-    the thread is raised there. ``prepare`` turns the pipeline's numpy batch into device arrays.
+    the thread is raised there. ``prepare`` is host work on the pipeline's numpy batch (the VAE).
     """
 
     _END = object()
@@ -194,9 +196,7 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
                     "raise --config.num_steps to train further", workdir, start, num_steps)
 
     def prepare(batch: dict) -> dict:
-        if vae_encoder is not None:
-            batch = vae_encoder(batch)
-        return trainer.put_batch(batch)
+        return vae_encoder(batch) if vae_encoder is not None else batch
 
     writer = MetricWriter(workdir, config.logging, enabled=primary)
     flops = StepFlops(config.model)
@@ -268,7 +268,7 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
                         ckpt.wait()
                     log.warning("stopping at step %d (%s); saved step %s", step, why, ckpt.latest_step())
                     break
-                state, metrics = trainer.step(state, item.batch)  # dispatched, runs asynchronously
+                state, metrics = trainer.step(state, trainer.put_batch(item.batch))  # asynchronous
                 step += 1
                 window["steps"] += 1
                 data_state = item.data_state

@@ -67,6 +67,18 @@ def records(tmp_path_factory) -> str:
     return str(out)
 
 
+LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def stop_leftovers():
+    """A failed test leaves no process behind (each launch is its own process group)."""
+    yield
+    for proc in LAUNCHED:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 class Launch:
     """``launch/local.sh`` running 2 processes; its output is read continuously by a thread (a
     full pipe would block the processes' logging)."""
@@ -76,7 +88,9 @@ class Launch:
             ["bash", str(REPO / "launch" / "local.sh"), "--workdir", str(workdir), "--processes",
              "2", "--devices-per-process", "4", "--venv", str(VENV), "--no-install", "--module",
              module, "--stop-grace", "5", "--", *args],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        LAUNCHED.append(self.proc)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
@@ -97,7 +111,11 @@ class Launch:
             time.sleep(0.1)
 
     def finish(self, expect: int | None = 0) -> str:
-        self.proc.wait(timeout=TIMEOUT)
+        try:
+            self.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
         self.reader.join(timeout=60)
         if expect is not None:
             assert self.proc.returncode == expect, self.output[-6000:]
