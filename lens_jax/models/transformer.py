@@ -131,9 +131,16 @@ def per_token(per_segment: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return jnp.take_along_axis(per_segment, index[..., None], axis=1)
 
 
+@jax.checkpoint
+def _silu_gate(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``silu(a) * b``, recomputed in the backward pass: it keeps ``a`` and ``b`` ([B, N, mlp] each)
+    instead of the four or five intermediates autodiff would stack over the layer scan."""
+    return jax.nn.silu(a) * b
+
+
 def swiglu(x: jax.Array, p: dict, stream: str, dtype) -> jax.Array:
-    gate = jax.nn.silu(dense(x, p[f"{stream}_mlp_w1"], dtype))
-    return dense(gate * dense(x, p[f"{stream}_mlp_w3"], dtype), p[f"{stream}_mlp_w2"], dtype)
+    gated = _silu_gate(dense(x, p[f"{stream}_mlp_w1"], dtype), dense(x, p[f"{stream}_mlp_w3"], dtype))
+    return dense(gated, p[f"{stream}_mlp_w2"], dtype)
 
 
 def block_forward(p: dict, x: jax.Array, c: jax.Array, *, temb: jax.Array,
