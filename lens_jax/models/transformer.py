@@ -261,7 +261,11 @@ class LensTransformer(nnx.Module):
         txt = constrain(dense(jnp.concatenate(normed, axis=-1), _values(self.txt_in), dtype),
                         BATCH_LENGTH_EMBED)
 
-        t_feat = timestep_features(segment_timesteps, c.timestep_embed_dim, c.timestep_scale)
+        # diffusers casts the timestep to the compute dtype first (``timestep.to(hidden_states.dtype)``):
+        # in bf16 the embedding sees the bf16-rounded sigma (2 radians apart on the top frequency near
+        # sigma 1 from the float32 one); in float32 this is exact.
+        t_feat = timestep_features(segment_timesteps.astype(dtype), c.timestep_embed_dim,
+                                   c.timestep_scale)
         temb = dense(jax.nn.silu(dense(t_feat.astype(dtype), _values(self.time_linear_1), dtype)),
                      _values(self.time_linear_2), dtype)  # [B, K, D]
 
