@@ -143,7 +143,7 @@ class _ExampleLoader:
         self.check_image_budget = cfg.mode == "pack"
 
     def choose_caption(self, caption: str, short_caption: str, rng: np.random.Generator) -> str:
-        """Dropout -> "", else the short caption with ``short_caption_prob`` (when present),
+        """Dropout -> "" (no denoiser text tokens, see ``_load``), else the short caption with ``short_caption_prob`` (when present),
         else the dense one (the short one when the dense is empty)."""
         u_drop, u_short = rng.random(2)
         if u_drop < self.caption_dropout:
@@ -210,8 +210,11 @@ class _ExampleLoader:
 
         ids = np.asarray(self.tokenizer.tokenize(caption), np.int32)[:self.caption_length]
         preamble = int(self.tokenizer.preamble_length)
-        num_text = max(0, min(len(ids) - preamble, self.text_tokens))
-        ids = ids[:preamble + num_text] if len(ids) > preamble else ids
+        # A dropped caption ("") gives the denoiser no text tokens, whatever scaffold the tokenizer's
+        # template puts around "": the sampler's unconditional branch is zero features under an
+        # all-false mask (spec 2.1 step 6), i.e. no text token any image token can attend to.
+        num_text = max(0, min(len(ids) - preamble, self.text_tokens)) if caption else 0
+        ids = ids[:preamble + num_text]
         element = {
             "skip": "",
             "position": host_position,

@@ -28,13 +28,53 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & (segment_ids[:, None, :] != 0))[:, None]
 
 
+@jax.custom_vjp
 def xla_attention(q, k, v, segment_ids):
-    """Plain einsum attention; logits and softmax in float32."""
+    """Plain einsum attention; logits and softmax in float32.
+
+    The backward pass is written out (``_xla_attention_bwd``) instead of differentiated: autodiff
+    of the softmax keeps several float32 ``[B, H, N, N]`` intermediates per layer alive until the
+    backward pass (stacked over the layer scan, ~70% of a CPU training step at 1152 tokens);
+    here only ``q, k, v``, the output and the per-row max and sum ``[B, H, N]`` are kept, and the
+    probabilities are recomputed from them (one extra ``q k^T``), as flash attention does.
+    """
+    return _xla_attention_fwd(q, k, v, segment_ids)[0]
+
+
+def _logits(q, k, segment_ids):
+    """Scaled, segment-masked logits ``[B, H, Nq, Nk]`` in float32."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(segment_mask(segment_ids), logits, _MASKED)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    # An additive [B, 1, N, N] bias rather than a select against a [B, H, N, N] constant: XLA hoists
+    # loop-invariant broadcasts out of the layer scan and would materialise the latter (H x larger).
+    return logits + jnp.where(segment_mask(segment_ids), 0.0, _MASKED)  # masked: exactly _MASKED
+
+
+def _xla_attention_fwd(q, k, v, segment_ids):
+    logits = _logits(q, k, segment_ids)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(logits - row_max)
+    row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    weights = (unnormalized / row_sum).astype(v.dtype)  # = jax.nn.softmax(logits)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return out, (q, k, v, segment_ids, out, row_max, row_sum)  # row_*: [B, H, N, 1]
+
+
+def _xla_attention_bwd(residuals, d_out):
+    """Softmax backward ``dS = P * (dP - rowsum(dO * O))`` with ``P`` recomputed, in float32."""
+    q, k, v, segment_ids, out, row_max, row_sum = residuals
+    probs = jnp.exp(_logits(q, k, segment_ids) - row_max) / row_sum  # [B, H, Nq, Nk] float32
+    d_v = jnp.einsum("bhqk,bqhd->bkhd", probs.astype(v.dtype), d_out)
+    d_probs = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_probs - delta[..., None]) * (q.shape[-1] ** -0.5)
+    d_logits = d_logits * segment_mask(segment_ids)  # masked logits are constants
+    d_q = jnp.einsum("bhqk,bkhd->bqhd", d_logits.astype(q.dtype), k)
+    d_k = jnp.einsum("bhqk,bqhd->bkhd", d_logits.astype(k.dtype), q)
+    return d_q, d_k, d_v, None
+
+
+xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def cudnn_attention(q, k, v, segment_ids, implementation: str = "cudnn"):

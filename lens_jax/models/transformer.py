@@ -131,9 +131,16 @@ def per_token(per_segment: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return jnp.take_along_axis(per_segment, index[..., None], axis=1)
 
 
+@jax.checkpoint
+def _silu_gate(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``silu(a) * b``, recomputed in the backward pass: it keeps ``a`` and ``b`` ([B, N, mlp] each)
+    instead of the four or five intermediates autodiff would stack over the layer scan."""
+    return jax.nn.silu(a) * b
+
+
 def swiglu(x: jax.Array, p: dict, stream: str, dtype) -> jax.Array:
-    gate = jax.nn.silu(dense(x, p[f"{stream}_mlp_w1"], dtype))
-    return dense(gate * dense(x, p[f"{stream}_mlp_w3"], dtype), p[f"{stream}_mlp_w2"], dtype)
+    gated = _silu_gate(dense(x, p[f"{stream}_mlp_w1"], dtype), dense(x, p[f"{stream}_mlp_w3"], dtype))
+    return dense(gated, p[f"{stream}_mlp_w2"], dtype)
 
 
 def block_forward(p: dict, x: jax.Array, c: jax.Array, *, temb: jax.Array,
@@ -254,7 +261,11 @@ class LensTransformer(nnx.Module):
         txt = constrain(dense(jnp.concatenate(normed, axis=-1), _values(self.txt_in), dtype),
                         BATCH_LENGTH_EMBED)
 
-        t_feat = timestep_features(segment_timesteps, c.timestep_embed_dim, c.timestep_scale)
+        # diffusers casts the timestep to the compute dtype first (``timestep.to(hidden_states.dtype)``):
+        # in bf16 the embedding sees the bf16-rounded sigma (2 radians apart on the top frequency near
+        # sigma 1 from the float32 one); in float32 this is exact.
+        t_feat = timestep_features(segment_timesteps.astype(dtype), c.timestep_embed_dim,
+                                   c.timestep_scale)
         temb = dense(jax.nn.silu(dense(t_feat.astype(dtype), _values(self.time_linear_1), dtype)),
                      _values(self.time_linear_2), dtype)  # [B, K, D]
 

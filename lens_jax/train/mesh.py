@@ -111,7 +111,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence | None =
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """Mesh axes the batch (rows) is split over: every data-like axis."""
-    return tuple(a for a in ("slice", "data", "fsdp") if a in mesh.shape)
+    return tuple(a for a in ("slice", "fsdp", "data") if a in mesh.shape)  # = DEFAULT_RULES["batch"]
 
 
 def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules) -> dict:

@@ -300,3 +300,30 @@ def test_caption_tokenizers(tmp_path):
     assert adapter.preamble_length == 3
     np.testing.assert_array_equal(adapter.tokenize("a red cube"), [7, 7, 7, 1, 3, 4])
     np.testing.assert_array_equal(adapter.tokenize(""), [7, 7, 7, 9])
+
+
+@pytest.mark.parametrize("spec", ["bytes", "prompt"])
+def test_dropped_caption_gives_no_text_tokens(tmp_path, spec):
+    """Caption dropout = the sampler's empty negative prompt: an empty text segment, also with the
+    ``prompt:`` tokenizer, whose template turns "" into a whole scaffold after the preamble."""
+    from lens_jax.data.tokenize import load_caption_tokenizer
+    from tests.test_text import build_tokenizer
+
+    if spec == "prompt":
+        build_tokenizer().save(str(tmp_path / "tokenizer.json"))
+        spec = f"prompt:{tmp_path}"
+    tokenizer = load_caption_tokenizer(spec)
+    scaffold = len(tokenizer.tokenize("")) - tokenizer.preamble_length
+    assert scaffold > 0 or spec == "bytes"  # the case this test is about: "" is not empty text
+    source = ListSource([records.encode_example(_example(np.random.default_rng(0), 0, 64, 64,
+                                                         caption="a red cube"))])
+
+    def load(dropout):
+        cfg = _tiny_config(caption_dropout=dropout, caption_length=512, text_tokens=96)
+        return _ExampleLoader(source, cfg, make_buckets(scale=1 / 16), tokenizer)(0, (0, 0, 0))
+
+    kept, dropped = load(0.0), load(1.0)
+    assert kept["skip"] == "" and dropped["skip"] == ""
+    assert kept["num_text"] > 0
+    assert dropped["num_text"] == 0
+    np.testing.assert_array_equal(dropped["caption_ids"], kept["caption_ids"][:tokenizer.preamble_length])

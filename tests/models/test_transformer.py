@@ -86,12 +86,50 @@ def test_bf16_compute_close_to_fp32_reference(tiny_pair):
     model = load_transformer(folder, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
     hw, n_txt = (5, 7), 8
     latents, feats, timesteps = make_inputs(cfg, 2, *hw, n_txt, seed=3)
+    timesteps = np.asarray(jnp.asarray(timesteps, jnp.bfloat16), np.float32)  # bf16 compute rounds them
     mask = np.arange(n_txt)[None, :] < np.array([8, 5])[:, None]
     expected = torch_forward(ref, latents, feats, mask, timesteps, hw)
     actual = model(jnp.asarray(latents), [jnp.asarray(f) for f in feats], jnp.asarray(timesteps),
                    hw, jnp.asarray(mask))
     assert actual.dtype == jnp.bfloat16
     assert rel_l2(actual, expected) <= BF16_REL_L2
+
+
+BF16_VS_BF16_REL_L2 = 2e-2  # bf16 vs the bf16 reference: measured 0.007; 0.08 with a float32 timestep
+
+
+def test_bf16_parity_with_the_bf16_reference_rounds_the_timestep(tiny_pair):
+    """Both in bf16: diffusers' ``timestep.to(hidden_states.dtype)`` rounds sigma to bf16 before the
+    time embedding (sigma 0.9942 -> 0.9961, 2 radians on the top frequency); so does the model."""
+    cfg, _, folder = tiny_pair
+    model = load_transformer(folder, dtype=jnp.bfloat16)
+    ref = reference_from_config(cfg, seed=0).to(torch.bfloat16)
+    hw, n_txt = (5, 7), 8
+    latents, feats, _ = make_inputs(cfg, 2, *hw, n_txt, seed=3)
+    mask = np.arange(n_txt)[None, :] < np.array([8, 5])[:, None]
+
+    def reference(t):
+        with torch.no_grad():
+            return ref(torch.from_numpy(latents).bfloat16(), [torch.from_numpy(f).bfloat16() for f in feats],
+                       torch.from_numpy(mask), torch.from_numpy(t), hw).float().numpy()
+
+    sigmas = np.array([0.9942, 0.7313], np.float32)  # not bf16 values: rounding matters
+    actual = model(jnp.asarray(latents, jnp.bfloat16), [jnp.asarray(f, jnp.bfloat16) for f in feats],
+                   jnp.asarray(sigmas), hw, jnp.asarray(mask))
+    assert actual.dtype == jnp.bfloat16
+    expected = reference(sigmas)
+    assert rel_l2(np.asarray(actual, np.float32), expected) <= BF16_VS_BF16_REL_L2
+    # the comparison can see a timestep off by one bf16 step (0.9883, 0.7344)
+    other = reference(np.array([0.98828125, 0.734375], np.float32))
+    assert rel_l2(other, expected) > 5 * BF16_VS_BF16_REL_L2
+
+
+def test_fp32_timestep_is_not_rounded(tiny_pair):
+    cfg, _, folder = tiny_pair
+    model = load_transformer(folder)
+    latents, feats, _ = make_inputs(cfg, 1, 3, 3, 4)
+    run = lambda t: np.asarray(model(latents, feats, np.array([t], np.float32), (3, 3)))
+    assert not np.array_equal(run(0.9942), run(np.float32(0.99609375)))
 
 
 def test_masked_text_cannot_reach_the_image(tiny_pair):

@@ -116,4 +116,6 @@ def test_bfloat16_loop_tracks_float32(folder):
     out = denoise_lib.denoise(model, jnp.asarray(noise, jnp.bfloat16), feats, mask,
                               sigmas_for(STEPS, H * W), 4.0, (H, W), bf16_timesteps=True)
     assert out.dtype == jnp.bfloat16
-    assert max_rel_err(np.asarray(out, np.float32), expected) < 5e-2
+    # bf16 compute and the bf16-rounded time input (the model now rounds it like diffusers, also
+    # inside the jitted loop) against an fp32 run with exact times: 0.053 measured (0.05 before)
+    assert max_rel_err(np.asarray(out, np.float32), expected) < 8e-2
