@@ -145,8 +145,10 @@ def swiglu(x: jax.Array, p: dict, stream: str, dtype) -> jax.Array:
 
 def block_forward(p: dict, x: jax.Array, c: jax.Array, *, temb: jax.Array,
                   img_segments: jax.Array, txt_segments: jax.Array, img_angles: jax.Array,
-                  txt_angles: jax.Array, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-    """One dual-stream block (spec 1.4 step 7). ``x [B, Ni, D]`` image, ``c [B, Nt, D]`` text."""
+                  txt_angles: jax.Array, cfg: ml_collections.ConfigDict, packed: bool = True
+                  ) -> tuple[jax.Array, jax.Array]:
+    """One dual-stream block (spec 1.4 step 7). ``x [B, Ni, D]`` image, ``c [B, Nt, D]`` text.
+    ``packed=False``: one image per row (plus padding), which lets the GPU attention use cuDNN."""
     dtype = jnp.dtype(cfg.dtype)
     eps = cfg.block_norm_eps
     silu_temb = jax.nn.silu(temb)  # [B, K, D]
@@ -167,7 +169,8 @@ def block_forward(p: dict, x: jax.Array, c: jax.Array, *, temb: jax.Array,
     q, k, v = (constrain(jnp.concatenate([qkv["img"][i], qkv["txt"][i]], axis=1), BATCH_LENGTH_HEADS)
                for i in range(3))
     segments = jnp.concatenate([img_segments, txt_segments], axis=1)
-    out = attention_lib.attention(q, k, v, segments, cfg.attention, cfg.splash_block_size)
+    out = attention_lib.attention(q, k, v, segments, cfg.attention, cfg.splash_block_size,
+                                  packed=packed)
     out = checkpoint_name(out, "attn_out")
 
     new = {}
@@ -235,19 +238,20 @@ class LensTransformer(nnx.Module):
         txt_seg = (jnp.ones((b, n_txt), jnp.int32) if text_mask is None
                    else text_mask.astype(jnp.int32))
         return self.forward_packed(latents, img_pos, img_seg, text_features, txt_pos, txt_seg,
-                                   timesteps[:, None])
+                                   timesteps[:, None], packed=False)
 
     # -- the token-level core -------------------------------------------------------------------
     def forward_packed(self, img_tokens: jax.Array, img_positions: jax.Array,
                        img_segment_ids: jax.Array, text_features: Sequence[jax.Array],
                        text_positions: jax.Array, text_segment_ids: jax.Array,
-                       segment_timesteps: jax.Array) -> jax.Array:
+                       segment_timesteps: jax.Array, *, packed: bool = True) -> jax.Array:
         """Velocity ``[B, Ni, 128]`` for packed rows (zero at padding tokens).
 
         img_tokens ``[B, Ni, in_channels]``, img_positions ``[B, Ni, 3]`` int, img_segment_ids
         ``[B, Ni]`` int (1..K, 0 = padding); text_features: one ``[B, Nt, enc_hidden_dim]`` per
         selected layer, text_positions ``[B, Nt, 3]``, text_segment_ids ``[B, Nt]``;
-        segment_timesteps ``[B, K]`` sigmas (column k-1 belongs to segment k).
+        segment_timesteps ``[B, K]`` sigmas (column k-1 belongs to segment k). ``packed=False``
+        promises one segment per row (``__call__``): the GPU then attends with cuDNN, not Pallas.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
@@ -278,7 +282,7 @@ class LensTransformer(nnx.Module):
             x, txt = carry
             x, txt = block_forward(layer_params, x, txt, temb=temb, img_segments=img_segments,
                                    txt_segments=txt_segments, img_angles=img_angles,
-                                   txt_angles=txt_angles, cfg=c)
+                                   txt_angles=txt_angles, cfg=c, packed=packed)
             return (x, txt), None
 
         if c.remat == "full":

@@ -1,6 +1,7 @@
 """The frozen encoders of a training run: the arrays they need inside the jitted step
-(``build_frozen``), the encoding of a batch inside the step (``encode_inputs``: the DCT / embedding
-stand-ins of ``lens_jax.train.stand_ins``, or GPT-OSS), and the host-side VAE (``VAEBatchEncoder``).
+(``build_frozen``), where those live (``frozen_shardings``), and the encoding of a batch inside
+the step (``encode_inputs``: the DCT / embedding stand-ins of ``lens_jax.train.stand_ins``, or
+GPT-OSS). The VAE runs on the host's devices before the step (``lens_jax.train.vae_encoding``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from lens_jax.train import stand_ins
 
@@ -109,49 +109,3 @@ def encode_inputs(config: ml_collections.ConfigDict, frozen: dict, batch: dict, 
         feats = stand_ins.gather_text_features(out, batch["text_index"], batch["text_segment_ids"],
                                                preamble, k)
     return latents, feats
-
-
-class VAEBatchEncoder:
-    """Host side: reassembles every image of a packed host batch, VAE-encodes images of the same
-    size together (one jitted program per bucket shape) and puts the normalized 128-channel tokens
-    back at the image's token slots: adds ``latents [B, N_img, 128]``, drops ``image_patches``.
-
-    ``config.image_encoder.path``: a diffusers VAE folder (``load_vae``) or ``"random"`` (a tiny
-    random VAE, for tests). Runs on this host's default device."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        path = config.image_encoder.path
-        if not path:
-            raise ValueError("config.image_encoder.kind='vae' needs config.image_encoder.path "
-                             "(a VAE folder, or 'random')")
-        if path == "random":
-            from lens_jax.convert.vae import random_vae
-            from lens_jax.models.vae import VAEConfig
-
-            self.vae = random_vae(VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
-                                            layers_per_block=1), seed=int(config.seed))
-        else:
-            from lens_jax.convert.vae import load_vae
-
-            self.vae = load_vae(path)
-        self.channels = int(config.model.in_channels)
-
-    def __call__(self, batch: dict) -> dict:
-        from lens_jax.data.buckets import unpatchify_image
-
-        patches = np.asarray(batch["image_patches"])
-        valid, hw, offset = (np.asarray(batch[k]) for k in ("segment_valid", "latent_hw", "token_offset"))
-        b, n = patches.shape[:2]
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for r, s in zip(*np.nonzero(valid)):
-            groups.setdefault((int(hw[r, s, 0]), int(hw[r, s, 1])), []).append((int(r), int(s)))
-        latents = np.zeros((b, n, self.channels), np.float32)
-        for (h, w), slots in sorted(groups.items()):
-            images = np.stack([unpatchify_image(patches[r, offset[r, s]:offset[r, s] + h * w], h, w)
-                               for r, s in slots]).astype(np.float32)
-            tokens = np.asarray(self.vae.image_to_latents(images), np.float32)  # [n, h*w, 128]
-            for (r, s), t in zip(slots, tokens):
-                latents[r, offset[r, s]:offset[r, s] + h * w] = t
-        out = {k: v for k, v in batch.items() if k != "image_patches"}
-        out["latents"] = latents
-        return out

@@ -170,7 +170,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 def _train(config: ml_collections.ConfigDict, workdir) -> dict:
     from lens_jax.data.pipeline import make_pipeline
     from lens_jax.train.checkpoint import Checkpointer, DataState
-    from lens_jax.train.encoders import VAEBatchEncoder
+    from lens_jax.train.vae_encoding import VAEEncoder
     from lens_jax.train.metrics import MetricWriter, StepFlops, data_metrics_over_hosts
 
     primary = hosts.is_primary()
@@ -182,7 +182,7 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
         raise ValueError("config.data.path is empty: give the training records with "
                          "--config.data.path=DIR (e.g. the output of lens-data synth-shapes)")
     data_iter = make_pipeline(_data_config(config, mesh), mesh=None)  # this host's numpy batches
-    vae_encoder = VAEBatchEncoder(config) if config.image_encoder.kind == "vae" else None
+    vae_encoder = VAEEncoder(config) if config.image_encoder.kind == "vae" else None
     ckpt = Checkpointer(rundir.checkpoints(workdir), config.checkpoint)
     num_steps = int(config.num_steps)
     try:

@@ -239,3 +239,28 @@ def test_full_model_lowers_for_1024px_within_60s():
     seconds = time.perf_counter() - start
     assert lowered.out_info.shape == (1, n_img, 128)
     assert seconds < 60, f"lowering took {seconds:.1f} s"
+
+
+def test_one_image_per_row_tells_attention_it_is_not_packed(tiny_pair, monkeypatch):
+    """``model(...)`` (one image per row: the sampler) lets the GPU use cuDNN (``packed=False``);
+    ``forward_packed`` (training rows of several images) asks for the segment-id kernel."""
+    from lens_jax.models import attention as attention_lib
+
+    cfg, _, folder = tiny_pair
+    model = load_transformer(folder)
+    seen = []
+    original = attention_lib.attention
+
+    def spy(*args, packed=True, **kwargs):
+        seen.append(packed)
+        return original(*args, packed=packed, **kwargs)
+
+    monkeypatch.setattr(attention_lib, "attention", spy)
+    lat, feats, t = make_inputs(cfg, 1, 2, 3, 4)
+    model(lat, feats, t, (2, 3))
+    assert seen and not any(seen)
+    seen.clear()
+    img_seg = np.ones((1, 6), np.int32)
+    model.forward_packed(lat, image_positions(2, 3)[None], img_seg, feats,
+                         text_positions(2, 3, 4)[None], np.ones((1, 4), np.int32), t[:, None])
+    assert seen and all(seen)

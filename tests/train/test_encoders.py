@@ -8,16 +8,16 @@ from tests.conftest import max_rel_err
 from tests.train.helpers import host_batch, tiny_config
 
 
-def test_vae_batch_encoder_places_each_image(shapes_path):
+def test_vae_encoder_places_each_image(shapes_path):
     from lens_jax.data.packing import extract_images
-    from lens_jax.train.encoders import VAEBatchEncoder
+    from lens_jax.train.vae_encoding import VAEEncoder
 
     config = tiny_config(shapes_path, in_channels=128, out_channels=32)  # the VAE's 128 channels
     config.image_encoder.kind = "vae"
     config.image_encoder.path = "random"
     config.data.update(rows_per_host=2, max_segments=2, base_sizes=(512,), base_probs=(1.0,))
     batch = host_batch(config)[0]
-    encoder = VAEBatchEncoder(config)
+    encoder = VAEEncoder(config)
     out = encoder(batch)
     assert "image_patches" not in out and out["latents"].shape == batch["image_patches"].shape[:2] + (128,)
     assert not out["latents"][batch["image_segment_ids"] == 0].any()
