@@ -6,15 +6,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test venv clean bench demo ablation
+.PHONY: test venv clean bench demo ablation constraints
 
-$(VENV)/.installed: setup.py
+# constraints.txt: the exact versions the suite passed with; setup.py keeps compatible ranges for
+# people who install the library into their own environment.
+$(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	@# libtpu lets tests/tpu compile for TPU slices on this host; where it cannot be installed
 	@# (no wheel for this platform) those tests skip, and -rs prints why.
-	$(PY) -m pip install -q -e '.[tpu]' || echo "make: libtpu not installed: tests/tpu compile tests will skip"
+	$(PY) -m pip install -q -c constraints.txt -e '.[tpu]' || echo "make: libtpu not installed: tests/tpu compile tests will skip"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -30,6 +32,11 @@ ablation: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/denoiser.py
+
+# Rewrites constraints.txt from the environment (after an upgrade that passed make test).
+constraints: $(VENV)/.installed
+	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^lens[-_]jax'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

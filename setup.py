@@ -13,27 +13,29 @@ setup(
     # lens_jax.configs, so that a config imports the one it extends without touching sys.path.
     packages=find_packages(include=["lens_jax", "lens_jax.*"]) + ["lens_jax.configs"],
     package_dir={"lens_jax.configs": "configs"},
+    # Compatible ranges for installing the library into another environment; the exact versions the
+    # suite passed with are in constraints.txt (make test / make demo / CI install with it).
     install_requires=[
-        "jax>=0.7",
-        "flax>=0.12",
-        "optax",
-        "orbax-checkpoint",
-        "grain",
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
         "array-record",
         "tensorflow-datasets",
-        "ml-collections",
+        "ml-collections>=1.1,<2",
         "absl-py",
-        "safetensors",
+        "safetensors>=0.5",
         "tokenizers",
         "ml_dtypes",
-        "numpy",
+        "numpy>=2,<3",
         "pillow",
         "tqdm",
         "psutil",
         # TensorBoard event files without TensorFlow (the trainer's metrics writer).
         "tensorboardX",
         # gs:// paths (lens_jax/storage.py): etils.epath reads and writes Cloud Storage through gcsfs.
-        "gcsfs",
+        "gcsfs>=2025.1",
         # Connected components for lens-eval layout's colour segmentation.
         "scipy",
     ],
