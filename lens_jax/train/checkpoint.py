@@ -113,7 +113,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(cfg.max_to_keep) if cfg.max_to_keep > 0 else None,
             keep_period=int(cfg.keep_period) if cfg.keep_period > 0 else None,
-            enable_async_checkpointing=bool(cfg.async_save),
+            # Several processes: synchronous saves. Asynchronous ones finish with cross-process
+            # barriers in orbax's background thread, which, interleaved with the loop's own
+            # collectives, hung 2-process CPU runs here intermittently (not yet understood).
+            enable_async_checkpointing=bool(cfg.async_save) and jax.process_count() == 1,
             create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "run": ocp.JsonCheckpointHandler(),
                     "data": grain.checkpoint.CheckpointHandler()}
