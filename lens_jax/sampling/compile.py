@@ -96,10 +96,10 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
     def resident(name):  # the other networks' weights, also on the first chip
         return sum(v for k, v in weights.items() if k != name)
 
-    def run(name, lowered, args, analytic):
+    def run(name, lowered, args, analytic, chips=1):
         start = time.perf_counter()
         return train_compile.compile_or_report(name, lowered, args, topo, analytic, start,
-                                               resident(name.split("[")[0]))[1]
+                                               resident(name.split("[")[0]), chips)[1]
 
     def encode_fn(p, i, m):
         out = encode(p, i, m, config=enc.config, selected=enc.selected, moe_impl=enc.moe_impl)
@@ -112,7 +112,8 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
         use_cfg=guidance != 1.0, bf16_timesteps=False, num_train_timesteps=1000, mesh=mesh)
     reports.append(run(f"denoise[{batch}x{h * w}tok,{steps}steps]", lowered,
                        (state, noise, cond_feats, cond_mask), _denoise_flops(cfg, batch, h * w, length,
-                                                                            steps, guidance) / len(devices)))
+                                                                            steps, guidance) / len(devices),
+                       len(devices)))
     decode = jax.jit(lambda s, z: nnx.merge(vae_graphdef, s).decode(z))
     reports.append(run(f"decode[1x{height}x{width}]", decode.lower(vae_state, latents),
                        (vae_state, latents), 0.0))
