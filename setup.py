@@ -9,7 +9,10 @@ setup(
                 "data pipeline, sampler and trainer",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["lens_jax", "lens_jax.*"]),
+    # configs/ (the training recipes, read by path with --config FILE) is also the package
+    # lens_jax.configs, so that a config imports the one it extends without touching sys.path.
+    packages=find_packages(include=["lens_jax", "lens_jax.*"]) + ["lens_jax.configs"],
+    package_dir={"lens_jax.configs": "configs"},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

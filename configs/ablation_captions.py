@@ -12,14 +12,9 @@ same, so the two runs differ only in their captions. The pipeline picks the capt
 ``data.short_caption_prob`` (lens_jax/data/pipeline.py ``default_data_config``).
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import ml_collections  # noqa: E402
-
-from configs import demo  # noqa: E402
+from lens_jax.configs import demo
 
 ARMS = {"dense": 0.0, "short": 1.0}
 

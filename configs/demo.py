@@ -11,14 +11,9 @@ and two blue squares"), with sample grids. docs/demo.md ("Choices") has the meas
 each choice.
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import ml_collections  # noqa: E402
-
-from configs import tiny  # noqa: E402
+from lens_jax.configs import tiny
 
 
 def get_config() -> ml_collections.ConfigDict:

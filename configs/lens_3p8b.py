@@ -1,6 +1,6 @@
 # The full Lens denoiser (4,104,225,152 parameters; marketed "3.8B"), e.g.:
 #   lens-convert to-orbax --src /ckpt/Lens/transformer --out /ckpt/lens_orbax
-#   python -c "from configs import lens_3p8b; print(lens_3p8b.get_config())"
+#   python -c "from lens_jax.configs import lens_3p8b; print(lens_3p8b.get_config())"
 """Full-size Lens: 48 dual-stream blocks, width 1536, 24 x 64 heads, SwiGLU 4096 (spec 1.1)."""
 
 import ml_collections

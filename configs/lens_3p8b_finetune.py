@@ -9,14 +9,9 @@ output), mixed-resolution buckets, small constant LR after warmup, EMA 0.999, fr
 Batch sizes for one 8-device host; scale ``data.rows_per_host`` / ``grad_accum_steps`` to taste.
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import ml_collections  # noqa: E402
-
-from configs import lens_3p8b_stage2_mixed  # noqa: E402
+from lens_jax.configs import lens_3p8b_stage2_mixed
 
 
 def get_config() -> ml_collections.ConfigDict:

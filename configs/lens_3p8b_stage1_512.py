@@ -11,15 +11,10 @@ give 384 rows = 3072 images per step. Only the 1:1 ratio (512x512) is kept (data
 every image is resized and centre-cropped to it.
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import ml_collections  # noqa: E402
-
-from configs import lens_3p8b  # noqa: E402
-from lens_jax.train.config import train_config  # noqa: E402
+from lens_jax.configs import lens_3p8b
+from lens_jax.train.config import train_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -47,7 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
     d.worker_count = 32
     d.caption_dropout = 0.1                      # CFG dropout [UNCONFIRMED upstream]
     d.pixel_dtype = "bfloat16"
-    d.emit_sigma = False
     config.objective.sigma_loc = (1.0, 1.3)      # 1.06 at 1024 tokens
     config.objective.sigma_scale = 1.0
     o = config.optimizer

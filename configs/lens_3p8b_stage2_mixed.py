@@ -12,14 +12,9 @@ of 24 rows per host. The logit-normal location moves with each image's token cou
 tokens .. 1.3 at 4096).
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import ml_collections  # noqa: E402
-
-from configs import lens_3p8b_stage1_512  # noqa: E402
+from lens_jax.configs import lens_3p8b_stage1_512
 
 
 def get_config() -> ml_collections.ConfigDict:

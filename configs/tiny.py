@@ -62,7 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_segments = 4
     d.caption_length = 64
     d.lookahead = 16
-    d.emit_sigma = False
     config.text_encoder.vocab_size = 256
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_steps = 20

@@ -26,8 +26,6 @@ was trained on) and compares their ``lens-eval layout`` scores.
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
 import logging
 import os
@@ -38,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lens_jax.train import config_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.py"
@@ -61,39 +61,10 @@ def _command(args: Sequence[str]) -> None:
     _say("$ " + " ".join(str(a) for a in args))
 
 
-def load_config(path: str | os.PathLike, arg: str | None = None):
-    """``get_config()`` (or ``get_config(arg)``) of a config file, loaded by path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    if str(path.resolve().parents[1]) not in sys.path:
-        sys.path.insert(0, str(path.resolve().parents[1]))
-    spec = importlib.util.spec_from_file_location(f"_lens_demo_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
-
-
-def apply_overrides(config, overrides: Sequence[str]):
-    """``FIELD.SUB=VALUE`` strings (Python literals, else strings) -> config fields."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. num_steps=100)")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            if name not in node:
-                raise ValueError(f"--set {item!r}: the config has no field {key!r}")
-            node = node[name]
-        if leaf not in node:
-            raise ValueError(f"--set {item!r}: the config has no field {key!r}")
-        node[leaf] = value
-    return config
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()):
+    """The config of ``path`` (``FILE`` or ``FILE:ARG``) with ``--config.FIELD=VALUE`` overrides,
+    parsed exactly as ``lens-train`` parses them (``lens_jax.train.config_files``)."""
+    return config_files.load(str(path), overrides)
 
 
 def _setup_logging() -> None:
@@ -161,7 +132,7 @@ def train_run(config, workdir: Path, config_path: Path, overrides: Sequence[str]
     if str(config.data.tokenizer).startswith("json:"):
         driver_set.append(f"data.tokenizer={config.data.tokenizer}")
     _command(["lens-train", "--config", str(config_path), "--workdir", str(workdir)]
-             + [f"--config.{o}" for o in list(overrides) + driver_set])
+             + list(overrides) + [f"--config.{o}" for o in driver_set])
     _say(f"model: {config.model.num_layers} blocks, width "
          f"{config.model.num_attention_heads * config.model.attention_head_dim}, "
          f"{config.model.in_channels}-channel {config.image_encoder.kind} latents, "
@@ -398,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     config_path = Path(args.config)
-    config = apply_overrides(load_config(config_path), args.set)
+    config = load_config(config_path, args.overrides)
     base_size, groups = data_sizes(config)
     prompt_key = "short_caption" if config.data.short_caption_prob >= 0.5 else "caption"
     words = resolve_word_tokenizer([config], out)
@@ -414,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     workdir = out / "run"
     config.data.path = str(train_dir)
-    train_run(config, workdir, config_path, args.set)
+    train_run(config, workdir, config_path, args.overrides)
     timings["train"] = time.perf_counter() - t
     metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
@@ -459,7 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - t_all
 
     summary = {
-        "config": str(config_path), "overrides": list(args.set), "num_steps": int(config.num_steps),
+        "config": str(config_path), "overrides": list(args.overrides), "num_steps": int(config.num_steps),
         "prompt_key": prompt_key, "sample_steps": args.sample_steps, "guidance": args.guidance,
         "final_train_loss": metrics[-1]["loss"] if metrics else None, "heldout_loss": losses,
         "scores": {which: {c: r["categories"][c]["score"] for c in CATEGORIES} | {"overall": r["overall"]}
@@ -497,7 +468,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     arms = ("dense", "short")
     timings: dict[str, float] = {}
-    configs = {arm: apply_overrides(load_config(args.config, arm), args.set) for arm in arms}
+    configs = {arm: load_config(f"{args.config}:{arm}", args.overrides) for arm in arms}
     base_size, groups = data_sizes(configs["dense"])
     resolve_word_tokenizer(list(configs.values()), out)
 
@@ -514,7 +485,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
         _stage(f"train on the {arm} captions")
         t = time.perf_counter()
         workdir = out / f"run_{arm}"
-        train_run(config, workdir, Path(f"{args.config}:{arm}"), args.set)
+        train_run(config, workdir, Path(f"{args.config}:{arm}"), args.overrides)
         timings[f"train_{arm}"] = time.perf_counter() - t
         _stage(f"sample and score the {arm}-caption model")
         t = time.perf_counter()
@@ -527,7 +498,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     table = compare_table(reports)
     _stage("dense vs short captions (same held-out layouts; each model prompted in its own style)")
     _say(table)
-    summary = {"config": str(args.config), "overrides": list(args.set),
+    summary = {"config": str(args.config), "overrides": list(args.overrides),
                "num_steps": {arm: int(configs[arm].num_steps) for arm in arms},
                "scores": {arm: {c: r["categories"][c]["score"] for c in CATEGORIES} | {"overall": r["overall"]}
                           for arm, r in reports.items()},
@@ -551,9 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(q: argparse.ArgumentParser, config: Path, out: str) -> None:
         q.add_argument("--out", default=out, help=f"output folder (default {out}); an existing "
                        "one is reused: same records are kept, a finished run is not retrained")
-        q.add_argument("--config", default=str(config), help=f"training config file (default {config})")
-        q.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="override a config field, e.g. --set num_steps=200 (repeatable)")
+        q.add_argument("--config", default=str(config), help=f"training config file (default {config}); "
+                       "any field is overridden as for lens-train: --config.FIELD=VALUE, e.g. "
+                       "--config.num_steps=200 (repeatable)")
         q.add_argument("--train-num", type=int, default=4000, help="training records (default 4000)")
         q.add_argument("--eval-num", type=int, default=200,
                        help="held-out evaluation prompts, 1-4 objects in equal shares (default 200)")
@@ -576,7 +547,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "ablation", "-h", "--help"):
         argv = ["run"] + argv
+    try:
+        config_file, overrides, argv = config_files.split_config_args(argv)
+    except ValueError as e:
+        print(f"lens_jax.demo: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
+    if config_file is not None:
+        args.config = config_file
+    args.overrides = overrides
     try:
         (ablation if args.command == "ablation" else run)(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -22,8 +22,8 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     argv = ["--out", str(out), "--train-num", "40", "--heldout-num", "16", "--eval-num", "4",
             "--sample-steps", "2", "--heldout-batches", "1", "--grid", "4",
-            "--set", "num_steps=3", "--set", "data.rows_per_host=2", "--set", "logging.every=1",
-            "--set", "samples.every=0"]
+            "--config.num_steps=3", "--config.data.rows_per_host", "2", "--config.logging.every=1",
+            "--config.samples.every=0"]
     assert demo.main(argv) == 0
     return out, json.loads((out / "summary.json").read_text())
 
@@ -83,13 +83,30 @@ def test_rerun_reuses_finished_run(demo_run, capsys):
     out, summary = demo_run
     from lens_jax.demo import make_records
 
-    make_records(Path(summary["outputs"]["train_records"]), 40, 0, *demo.data_sizes(demo.load_config(demo.DEFAULT_CONFIG)))
+    make_records(Path(summary["outputs"]["train_records"]), 40, 0,
+                 *demo.data_sizes(demo.load_config(demo.DEFAULT_CONFIG)))
     assert "reusing" in capsys.readouterr().out
 
 
 def test_bad_override_is_reported(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path), "--set", "no_such_field=1"]) == 2
-    assert "no_such_field" in capsys.readouterr().err
+    assert demo.main(["--out", str(tmp_path), "--config.num_step=1"]) == 2
+    err = capsys.readouterr().err
+    assert "num_step" in err and "did you mean --config.num_steps" in err
+    assert demo.main(["--out", str(tmp_path), "--config.num_steps=many"]) == 2
+    assert "--config.num_steps=many" in capsys.readouterr().err
+
+
+def test_config_flags_as_lens_train_reads_them(tmp_path):
+    """The demo's config flags are lens-train's: ``--config FILE[:ARG]``, ``--config.FIELD=VALUE``
+    and ``--config.FIELD VALUE``, with the types of the config's fields."""
+    from lens_jax.train import config_files
+
+    path, overrides, rest = config_files.split_config_args(
+        ["run", "--config", f"{demo.ABLATION_CONFIG}:short", "--config.num_steps", "7",
+         "--config.optimizer.lr=0.5", "--out", "x"])
+    assert (path, rest) == (f"{demo.ABLATION_CONFIG}:short", ["run", "--out", "x"])
+    config = demo.load_config(path, overrides)
+    assert (config.num_steps, config.optimizer.lr, config.data.short_caption_prob) == (7, 0.5, 1.0)
 
 
 @pytest.mark.parametrize("name,arg", [("demo.py", None), ("ablation_captions.py", "dense"),
@@ -99,7 +116,7 @@ def test_configs_load_and_name_their_command(name, arg):
     head = path.read_text().splitlines()[:4]
     assert head[0].startswith("#") and any("lens_jax.demo" in l for l in head)
     assert any("lens-train" in l for l in head)
-    config = demo.load_config(path, arg)
+    config = demo.load_config(path if arg is None else f"{path}:{arg}")
     assert config.num_steps > 0 and config.model.in_channels == 12
     if arg is not None:
         assert config.data.short_caption_prob == {"dense": 0.0, "short": 1.0}[arg]
@@ -108,7 +125,7 @@ def test_configs_load_and_name_their_command(name, arg):
 def test_word_tokenizer_is_resolved_once(tmp_path):
     """``data.tokenizer = "words"`` -> ``json:OUT/word_tokenizer.json`` for every config asking for
     it; other tokenizers are left alone; the file is written once and reused."""
-    configs = [demo.load_config(demo.ABLATION_CONFIG, arm) for arm in ("dense", "short")]
+    configs = [demo.load_config(f"{demo.ABLATION_CONFIG}:{arm}") for arm in ("dense", "short")]
     configs[1].data.tokenizer = "bytes"
     path = demo.resolve_word_tokenizer(configs, tmp_path)
     assert path == tmp_path / "word_tokenizer.json" and path.is_file()

@@ -1,4 +1,4 @@
-"""``lens-convert``: move Lens denoiser weights between diffusers folders and orbax checkpoints.
+"""lens-convert: move Lens denoiser weights between diffusers folders and orbax checkpoints.
 
   lens-convert to-orbax     --src CKPT/transformer --out OUT   # diffusers folder -> orbax
   lens-convert to-diffusers --src OUT --out CKPT2/transformer  # orbax (or diffusers) -> diffusers
@@ -6,7 +6,12 @@
   lens-convert random       --out DIR --preset tiny            # a random Lens checkpoint (HF layout)
 
 Conversions stream block by block (about one block in memory), write to a temporary folder and
-rename it at the end. Only safetensors are read: pickled ``.bin``/``.pt``/``.ckpt`` are refused.
+rename it at the end (Ctrl-C or a kill leaves no half-written output; temporary folders of a
+killed run are cleaned or reported by the next one). --out may not contain, equal or lie inside
+--src, and --overwrite replaces only a folder holding what the command writes. Only safetensors
+are read: pickled .bin/.pt/.ckpt files are refused. inspect checks the files themselves
+(safetensors headers against file sizes, every tensor present with its shape) and exits 2 on a
+broken checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from pathlib import Path
 from lens_jax.convert.safetensors_io import CheckpointError
 
 DTYPES = ("float32", "bfloat16", "float16")
+# What ``lens-convert random`` writes into its output folder (``--overwrite`` replaces no other).
+RANDOM_PATTERNS = ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer",
+                   "scheduler")
 
 
 def _size(text: str) -> int:
@@ -49,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "to-diffusers":
             p.add_argument("--max-shard-size", type=_size, default=2 << 30,
                            help="largest safetensors shard, e.g. 2GB (default), 500MB")
-    p = sub.add_parser("inspect", help="print a checkpoint's config and size without loading it",
-                       description="print a checkpoint's config and size without loading it")
+    inspect_help = ("check a checkpoint's files (headers, sizes, every tensor and its shape) without "
+                    "reading the weights, and print its config and size; exit 2 if it is broken")
+    p = sub.add_parser("inspect", help=inspect_help, description=inspect_help)
     p.add_argument("--src", required=True, help="a diffusers folder or an orbax checkpoint")
     random_help = ("write a random Lens checkpoint in the full Hugging Face layout (model_index.json, "
                    "transformer/, vae/, text_encoder/, tokenizer/, scheduler/) to try the tools")
@@ -85,35 +94,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     limit_malloc_arenas()
     args = build_parser().parse_args(argv)
+    from lens_jax import output_guard
     from lens_jax.convert import transformer as tconv
     from lens_jax.models import config as config_lib
     try:
         if args.command == "random":
             from lens_jax.convert import random_checkpoint
+            if args.overwrite:
+                output_guard.check_replaceable(args.out, RANDOM_PATTERNS, "lens-convert random")
             size = random_checkpoint.estimated_bytes(args.preset)
             print(f"writing a random {args.preset} Lens checkpoint (~{size / 1e9:.2f} GB) to {args.out}")
-            out = random_checkpoint.write_random_checkpoint(args.out, preset=args.preset,
-                                                            seed=args.seed, overwrite=args.overwrite)
+            with output_guard.interrupts_raise():
+                out = random_checkpoint.write_random_checkpoint(
+                    args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
             print(f"wrote {out}")
             return 0
         if args.command == "inspect":
             cfg = tconv.read_config(args.src)
+            size = tconv.check_checkpoint(args.src, cfg)  # headers, sizes, keys, shapes
             shapes = [m.torch_shape for m in tconv.transformer_mappings(cfg)]
             print(f"{args.src}: {'orbax' if tconv.is_orbax(Path(args.src)) else 'diffusers'}")
             for k, v in config_lib.to_diffusers_config(cfg).items():
                 print(f"  {k}: {v}")
-            print(f"  tensors: {len(shapes)}")
+            print(f"  tensors: {len(shapes)} (all present, shapes checked)")
             print(f"  parameters: {sum(int(np.prod(s)) for s in shapes):,}")
+            print(f"  bytes on disk: {size:,}")
             return 0
         to = "orbax" if args.command == "to-orbax" else "diffusers"
-        out = tconv.convert(args.src, args.out, to=to, dtype=args.dtype,
-                            max_shard_bytes=getattr(args, "max_shard_size", 2 << 30),
-                            overwrite=args.overwrite)
+        with output_guard.interrupts_raise():
+            out = tconv.convert(args.src, args.out, to=to, dtype=args.dtype,
+                                max_shard_bytes=getattr(args, "max_shard_size", 2 << 30),
+                                overwrite=args.overwrite)
+            output_guard.raise_if_interrupted()
         print(f"wrote {out}")
         return 0
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"lens-convert: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"lens-convert: interrupted ({e or 'Ctrl-C'}); nothing was written to "
+              f"{getattr(args, 'out', '')}",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

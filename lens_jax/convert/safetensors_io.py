@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -35,6 +35,58 @@ def _pickle_refusal(path: Path) -> CheckpointError:
         "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\"\n"
         "or with diffusers: Model.from_pretrained(dir).save_pretrained(out, safe_serialization=True)."
     )
+
+
+# Bytes per element of the safetensors dtypes (the format's own names).
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def check_safetensors_file(path: str | os.PathLike) -> dict[str, dict]:
+    """Reads and checks a safetensors file's header against its size; returns the tensors' header
+    entries (``{key: {"dtype", "shape", "data_offsets"}}``).
+
+    Raises ``CheckpointError`` naming the file, in one line, when the file is truncated, padded
+    or its header is malformed (what a cut download or an interrupted copy leaves).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file (header of "
+                                  f"{header_len} bytes, file of {size} bytes)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    data_size, end = size - 8 - header_len, 0
+    for key, entry in header.items():
+        try:
+            start, stop = (int(v) for v in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+            dtype = str(entry["dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: malformed header entry for tensor {key!r} ({e})") from e
+        if stop > data_size:
+            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {stop} of the "
+                                  f"data, the file holds {data_size} (re-download or re-copy it)")
+        if dtype in _ST_ITEMSIZE and stop - start != int(np.prod(shape)) * _ST_ITEMSIZE[dtype]:
+            raise CheckpointError(f"{path}: tensor {key!r} of shape {tuple(shape)} {dtype} spans "
+                                  f"{stop - start} bytes, expected "
+                                  f"{int(np.prod(shape)) * _ST_ITEMSIZE[dtype]}")
+        end = max(end, stop)
+    if end != data_size:
+        raise CheckpointError(f"{path}: {data_size - end} bytes after the last tensor "
+                              "(not a valid safetensors file)")
+    return header
 
 
 class SafetensorsFolder:
@@ -63,8 +115,7 @@ class SafetensorsFolder:
         if indexes:
             if len(indexes) > 1:
                 raise CheckpointError(f"{self.folder}: several index files: {[p.name for p in indexes]}")
-            with open(indexes[0]) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = read_json(indexes[0]).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{indexes[0]}: no 'weight_map' in the index")
             for key, name in weight_map.items():
@@ -72,15 +123,16 @@ class SafetensorsFolder:
                 if not path.is_file():
                     raise CheckpointError(f"{indexes[0]}: key {key!r} points to missing file {name}")
                 self._key_file[key] = path
+            headers = {p: check_safetensors_file(p) for p in set(self._key_file.values())}
+            for key, path in self._key_file.items():
+                if key not in headers[path]:
+                    raise CheckpointError(f"{indexes[0]}: key {key!r} is not in {path.name}")
         else:
             if len(files) > 1:
                 raise CheckpointError(
                     f"{self.folder}: {len(files)} safetensors files but no *.safetensors.index.json")
-            files_to_scan = files
-            for path in files_to_scan:
-                with safe_open(path, framework="numpy") as f:
-                    for key in f.keys():
-                        self._key_file[key] = path
+            for key in check_safetensors_file(files[0]):
+                self._key_file[key] = files[0]
         self._handles: dict[Path, object] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
 
@@ -98,8 +150,11 @@ class SafetensorsFolder:
     def _handle(self, key: str):
         path = self._key_file[key]
         if path not in self._handles:
-            handle = safe_open(path, framework="numpy")
-            self._handles[path] = handle.__enter__()
+            try:
+                handle = safe_open(path, framework="numpy")
+                self._handles[path] = handle.__enter__()
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
         return self._handles[path]
 
     def keys(self) -> list[str]:
@@ -132,8 +187,11 @@ class SafetensorsFolder:
         """
         if key not in self._key_file:
             raise CheckpointError(f"{self.folder}: missing tensor {key!r}")
-        with safe_open(self._key_file[key], framework="numpy") as f:
-            return np.array(f.get_tensor(key), copy=True)
+        try:
+            with safe_open(self._key_file[key], framework="numpy") as f:
+                return np.array(f.get_tensor(key), copy=True)
+        except (SafetensorError, OSError) as e:  # e.g. the file changed since it was checked
+            raise CheckpointError(f"{self._key_file[key]}: cannot read tensor {key!r} ({e})") from e
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -141,10 +199,45 @@ def read_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (is {path.parent} a checkpoint folder?)")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def check_field_types(config_json: dict, defaults: dict, path: str | os.PathLike,
+                      positive: bool = False) -> None:
+    """Raises ``CheckpointError`` (one line naming the file and field) when a field of a
+    ``config.json`` has another type than its default, e.g. ``"num_layers": "two"``; lists must
+    hold elements of the default's element type. ``positive``: integers must be >= 1 (list
+    elements are not checked for sign)."""
+    def fits(value, default, positive: bool) -> tuple[bool, str]:
+        if isinstance(default, bool):
+            return isinstance(value, bool), "true or false"
+        if isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            return (ok and value >= 1, "an integer >= 1") if positive else (ok, "an integer")
+        if isinstance(default, float):
+            return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        return isinstance(value, str), "a string"
+
+    for key, default in defaults.items():
+        if key not in config_json or default is None:
+            continue
+        value = config_json[key]
+        if isinstance(default, (tuple, list)):
+            plural = {"an integer": "integers", "a number": "numbers", "a string": "strings",
+                      "true or false": "booleans"}
+            ok = isinstance(value, list) and all(fits(v, default[0], False)[0] for v in value
+                                                 if default)
+            want = f"a list of {plural[fits(None, default[0], False)[1]]}" if default else "a list"
+        else:
+            ok, want = fits(value, default, positive)
+        if not ok:
+            raise CheckpointError(f"{path}: {key} is {json.dumps(value)}, expected {want}")
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
@@ -238,20 +331,29 @@ class ShardedWriter:
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary folder beside ``out_dir``; renames it to ``out_dir`` on success.
 
-    On any exception the temporary folder is deleted and ``out_dir`` is left untouched.
+    On any exception (Ctrl-C and SIGTERM included, see ``output_guard.interrupts_raise``) the
+    temporary folder is deleted and ``out_dir`` is left untouched. Temporaries of earlier runs
+    killed outright are cleaned or reported first (``output_guard.clean_leftovers``); the output
+    folder gets the user's umask (not mkdtemp's 0700).
     """
+    from lens_jax import output_guard
+
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    output_guard.clean_leftovers(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=output_guard.temporary_prefix(out_dir), dir=out_dir.parent))
     try:
+        os.chmod(tmp, output_guard.dir_mode())
         yield tmp
+        output_guard.raise_if_interrupted()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=output_guard.temporary_prefix(out_dir, "old"),
+                                    dir=out_dir.parent))
         os.replace(out_dir, old / "x")
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)

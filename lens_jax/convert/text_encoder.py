@@ -55,8 +55,8 @@ def read_config(folder: Path) -> GptOssConfig:
     hf = read_json(source)
     try:
         return GptOssConfig.from_hf(hf, source=str(source))
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
+    except (TypeError, ValueError) as e:  # e.g. "num_hidden_layers": "two"
+        raise CheckpointError(str(e) if str(source) in str(e) else f"{source}: {e}") from e
 
 
 def text_encoder_mappings(config: GptOssConfig, num_layers: int, packed: bool, prefix: str = "model."

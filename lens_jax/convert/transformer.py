@@ -12,6 +12,7 @@ Every conversion writes to a temporary folder and renames it at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,8 @@ from tqdm import tqdm
 from lens_jax.convert import keymap
 from lens_jax.convert.keymap import TensorMapping
 from lens_jax.convert.safetensors_io import (
-    CheckpointError, SafetensorsFolder, ShardedWriter, atomic_output_dir, read_json, write_json)
+    CheckpointError, SafetensorsFolder, ShardedWriter, atomic_output_dir, check_field_types,
+    read_json, write_json)
 from lens_jax.models import config as config_lib
 from lens_jax.models.transformer import LensTransformer, abstract_model
 
@@ -37,6 +39,9 @@ ORBAX_MARKER = "lens_jax.json"
 ORBAX_FORMAT = "lens_jax.transformer.orbax.v1"
 WEIGHTS_PREFIX = "diffusion_pytorch_model"
 CLASS_NAME = "LensTransformer2DModel"
+# What a conversion writes into its output folder (``--overwrite`` replaces nothing else).
+DIFFUSERS_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json")
+ORBAX_PATTERNS = (ORBAX_MARKER, "top", "layers")
 
 
 # ----------------------------------------------------------------------------- the key map
@@ -119,7 +124,10 @@ def read_config(path: str | os.PathLike, **runtime) -> ml_collections.ConfigDict
         if meta.get("format") != ORBAX_FORMAT:
             raise CheckpointError(f"{path / ORBAX_MARKER}: format {meta.get('format')!r}, "
                                   f"expected {ORBAX_FORMAT!r}")
-        cfg_json = meta["config"]
+        cfg_json = meta.get("config")
+        if not isinstance(cfg_json, dict):
+            raise CheckpointError(f"{path / ORBAX_MARKER}: no 'config' object")
+        check_config_fields(cfg_json, path / ORBAX_MARKER)
     else:
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a checkpoint folder (no such directory)")
@@ -127,12 +135,20 @@ def read_config(path: str | os.PathLike, **runtime) -> ml_collections.ConfigDict
         if cfg_json.get("_class_name") not in (None, CLASS_NAME):
             raise CheckpointError(f"{path / 'config.json'}: _class_name is "
                                   f"{cfg_json.get('_class_name')!r}, expected {CLASS_NAME!r}")
+        check_config_fields(cfg_json, path / "config.json")
     cfg = config_lib.from_diffusers_config(cfg_json, **runtime)
     try:
         config_lib.validate(cfg)
     except ValueError as e:
         raise CheckpointError(f"{path}: unsupported config: {e}") from e
     return cfg
+
+
+def check_config_fields(cfg_json: dict, path: Path) -> None:
+    """A one-line ``CheckpointError`` for a field of the wrong type (``"num_layers": "two"``)."""
+    defaults = config_lib.transformer_config()
+    check_field_types(cfg_json, {k: defaults[k] for k in config_lib.DIFFUSERS_FIELDS}, path,
+                      positive=True)
 
 
 def _orbax_restore(path: Path) -> dict:
@@ -159,13 +175,50 @@ def _check_orbax_item(path: Path, flat: dict, group: list[TensorMapping]) -> Non
                                   f"{tuple(flat[p].shape)}, expected {tuple(shape)}")
 
 
+def _check_folder(src: Path, folder: SafetensorsFolder, mappings: list[TensorMapping]) -> None:
+    """Every expected key present, nothing unexpected, every shape right (no data read)."""
+    keymap.check_keys(str(src), folder.keys(), mappings)
+    for m in mappings:
+        if tuple(folder.shape(m.key)) != tuple(m.torch_shape):
+            raise CheckpointError(f"{folder.file_of(m.key)}: tensor {m.key!r} has shape "
+                                  f"{tuple(folder.shape(m.key))}, expected {tuple(m.torch_shape)}")
+
+
+def check_checkpoint(path: str | os.PathLike, cfg: ml_collections.ConfigDict) -> int:
+    """Checks a checkpoint's files without reading tensor data: safetensors headers against file
+    sizes, every expected tensor present with its shape (orbax: every item's metadata). Returns
+    the bytes on disk; raises ``CheckpointError`` naming the first broken file."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    mappings = transformer_mappings(cfg)
+    if not is_orbax(path):
+        with SafetensorsFolder(path) as folder:
+            _check_folder(path, folder, mappings)
+            files = set(folder.file_of(k) for k in folder.keys())
+        return sum(f.stat().st_size for f in files)
+    for name, group in _grouped(mappings).items():
+        item = path / name
+        if not item.is_dir():
+            raise CheckpointError(f"{item}: missing orbax item (an interrupted conversion?)")
+        try:
+            tree = ocp.PyTreeCheckpointer().metadata(str(item.absolute())).item_metadata.tree
+        except Exception as e:  # noqa: BLE001 - orbax raises many types on damaged folders
+            raise CheckpointError(f"{item}: unreadable orbax item ({type(e).__name__}: {e})") from e
+        _check_orbax_item(item, keymap.flatten(tree), group)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _iter_groups(src: Path, cfg: ml_collections.ConfigDict, dtype=None,
                  progress: bool = False) -> Iterator[tuple[str, list[TensorMapping], dict]]:
     """Yields ``(group, mappings, {path_in_group: jax-layout array})`` one orbax item at a time."""
     groups = _grouped(transformer_mappings(cfg))
-    items = tqdm(groups.items(), desc=f"reading {src.name}", unit="item", disable=not progress)
+
+    def bar():  # created once the files are checked: an error is then one line, not a bar
+        return tqdm(groups.items(), desc=f"reading {src.name}", unit="item", disable=not progress)
+
     if is_orbax(src):
-        for name, group in items:
+        for name, group in bar():
             flat = keymap.flatten(_orbax_restore(src / name))
             _check_orbax_item(src / name, flat, group)
             if dtype is not None:
@@ -173,13 +226,8 @@ def _iter_groups(src: Path, cfg: ml_collections.ConfigDict, dtype=None,
             yield name, group, flat
         return
     with SafetensorsFolder(src) as folder:
-        all_maps = [m for g in groups.values() for m in g]
-        keymap.check_keys(str(src), folder.keys(), all_maps)
-        for m in all_maps:  # every shape, before any data is read
-            if tuple(folder.shape(m.key)) != tuple(m.torch_shape):
-                raise CheckpointError(f"{folder.file_of(m.key)}: tensor {m.key!r} has shape "
-                                      f"{tuple(folder.shape(m.key))}, expected {tuple(m.torch_shape)}")
-        for name, group in items:
+        _check_folder(src, folder, [m for g in groups.values() for m in g])
+        for name, group in bar():
             yield name, group, keymap.load_params(folder, [_in_group(m) for m in group], dtype=dtype,
                                                    strict=False)
 
@@ -265,11 +313,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, dtype=None,
 
     Holds one block's tensors in memory at a time (plus one output shard for diffusers).
     """
+    from lens_jax import output_guard
+
     src, out = Path(src), Path(out)
     if to not in ("diffusers", "orbax"):
         raise ValueError(f"to={to!r}: expected 'diffusers' or 'orbax'")
-    if src.absolute() == out.absolute():
-        raise ValueError(f"source and output are the same folder: {src}")
+    output_guard.check_output(out, {"--src": src})
+    if overwrite:
+        output_guard.check_replaceable(out, DIFFUSERS_PATTERNS if to == "diffusers" else
+                                       ORBAX_PATTERNS, f"lens-convert to-{to}")
     cfg = read_config(src)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if to == "diffusers":
@@ -279,6 +331,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, dtype=None,
             write_json(tmp / ORBAX_MARKER, {"format": ORBAX_FORMAT,
                                             "config": config_lib.to_diffusers_config(cfg)})
         for name, group, flat in _iter_groups(src, cfg, dtype=dtype, progress=progress):
+            output_guard.raise_if_interrupted()  # orbax's event loop may have dropped a Ctrl-C
             if to == "orbax":
                 _orbax_save(tmp / name, keymap.unflatten(flat))
                 continue

@@ -9,6 +9,7 @@ a load/save round trip is bit-identical (including ``bn.num_batches_tracked``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -22,7 +23,8 @@ from flax import nnx
 
 from lens_jax.convert import keymap
 from lens_jax.convert.safetensors_io import (CheckpointError, SafetensorsFolder, ShardedWriter,
-                                             atomic_output_dir, read_json, write_json)
+                                             atomic_output_dir, check_field_types, read_json,
+                                             write_json)
 from lens_jax.models import latents as latent_ops
 from lens_jax.models.vae import AutoencoderKLFlux2, VAEConfig
 
@@ -369,6 +371,8 @@ def load_vae(path: str | os.PathLike, dtype=None, param_dtype=None) -> FluxVAE:
     if name not in (None, "AutoencoderKLFlux2"):
         raise CheckpointError(f"{folder_path / 'config.json'}: _class_name is {name!r}, "
                               "expected 'AutoencoderKLFlux2'")
+    check_field_types(config_json, {f.name: f.default for f in dataclasses.fields(VAEConfig)},
+                      folder_path / "config.json")
     try:
         config = VAEConfig.from_diffusers(config_json)
     except (TypeError, ValueError) as e:

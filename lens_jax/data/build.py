@@ -4,7 +4,10 @@ Captions come from a JSONL or CSV file (``path, caption[, short_caption]``; path
 image folder or absolute) or, without such a file, from text files next to each image:
 ``photo.jpg`` + ``photo.txt`` (or ``photo.jpg.txt``), and optionally ``photo.short.txt``.
 Images are stored byte for byte (no re-encode); PIL decodes each one fully to reject corrupt
-files and to read its width and height.
+files and to read its width and height. Bad inputs are skipped and counted by reason, never
+fatal: captions that are not UTF-8 (the caption file is named), CSV rows that do not parse on
+their own line (e.g. an unterminated quote; a field may not span lines), images larger than
+``records.MAX_IMAGE_PIXELS`` (the limit the training pipeline applies too).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import io
 import json
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lens_jax.data.records import Example, RecordError, image_format
+from lens_jax.data.records import MAX_IMAGE_PIXELS, Example, RecordError, image_format
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Other image files found in the folder are reported as skipped (unsupported format).
@@ -35,6 +39,9 @@ UNSUPPORTED = "unsupported image format"
 MISSING_CAPTION = "missing caption"
 EMPTY_CAPTION = "empty caption"
 DUPLICATE = "duplicate entry"
+UNDECODABLE_CAPTION = "caption not UTF-8"
+MALFORMED_ROW = "malformed captions row"
+TOO_LARGE = "image too large"
 
 _PATH_KEYS = ("path", "image", "file_name", "filename", "file")
 _CAPTION_KEYS = ("caption", "text", "dense_caption")
@@ -89,10 +96,22 @@ class BuildReport:
         return "\n".join(lines)
 
 
+class _Undecodable(Exception):
+    """A caption file that is not UTF-8 (``args``: the file, the decoder's message)."""
+
+
 def _read_text(path: Path) -> str | None:
     if not path.is_file():
         return None
-    return path.read_text(encoding="utf-8").strip()
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise _Undecodable(str(path), str(e)) from None
+
+
+def _has_undecodable(text: str) -> bool:
+    """Whether ``text`` (read with ``errors="surrogateescape"``) held bytes that are not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _scan_images(images_dir: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
@@ -119,13 +138,20 @@ def _pick(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
-def iter_jsonl_objects(path: str | os.PathLike, error: type[Exception] = ValueError
+def iter_jsonl_objects(path: str | os.PathLike, error: type[Exception] = ValueError,
+                       on_bad_line: Callable[[int, str], None] | None = None
                        ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line_no, object)`` for every non-blank line of a JSONL file; ``error`` naming the file
-    and line for a line that is not a JSON object."""
-    with open(path, encoding="utf-8") as f:
+    and line for a line that is not UTF-8 or not a JSON object, or, with ``on_bad_line``, that
+    line passed to ``on_bad_line(line_no, why)`` and skipped."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
+                continue
+            if _has_undecodable(line):
+                if on_bad_line is None:
+                    raise error(f"{path}:{line_no}: not UTF-8 text")
+                on_bad_line(line_no, "not UTF-8 text")
                 continue
             try:
                 row = json.loads(line)
@@ -136,27 +162,35 @@ def iter_jsonl_objects(path: str | os.PathLike, error: type[Exception] = ValueEr
             yield line_no, row
 
 
-def _read_caption_rows(captions_file: Path) -> list[dict[str, Any]]:
+def _read_caption_rows(captions_file: Path) -> tuple[list[dict[str, Any]], list[Skip]]:
+    """The rows of a captions file, and the rows skipped (not UTF-8, or a CSV line that does not
+    parse on its own), each named ``FILE:LINE``."""
     if not captions_file.is_file():
         raise RecordError(f"{captions_file}: captions file not found")
     rows: list[dict[str, Any]] = []
-    if captions_file.suffix.lower() in (".jsonl", ".json"):
-        for line_no, row in iter_jsonl_objects(captions_file, RecordError):
+    bad: list[Skip] = []
+    suffix = captions_file.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        def skip_line(line_no: int, why: str) -> None:
+            reason = UNDECODABLE_CAPTION if why == "not UTF-8 text" else MALFORMED_ROW
+            bad.append(Skip(f"{captions_file}:{line_no}", reason, why))
+
+        for line_no, row in iter_jsonl_objects(captions_file, RecordError, on_bad_line=skip_line):
             row["_line"] = line_no
             rows.append(row)
-    elif captions_file.suffix.lower() in (".csv", ".tsv"):
-        delimiter = "\t" if captions_file.suffix.lower() == ".tsv" else ","
-        with open(captions_file, encoding="utf-8", newline="") as f:
-            table = list(csv.reader(f, delimiter=delimiter))
+    elif suffix in (".csv", ".tsv"):
+        table = _read_csv_lines(captions_file, "\t" if suffix == ".tsv" else ",", bad)
         if not table:
-            return rows
-        header = [h.strip().lower() for h in table[0]]
+            return rows, bad
+        header = [h.strip().lower() for _, h_cells in table[:1] for h in h_cells]
         has_header = (any(h in _PATH_KEYS for h in header)
                       and any(h in _CAPTION_KEYS for h in header))
         if not has_header:
-            header = ["path", "caption", "short_caption"][:max(len(r) for r in table)]
-        for line_no, cells in enumerate(table[1:] if has_header else table, 2 if has_header else 1):
-            if not any(c.strip() for c in cells):
+            header = ["path", "caption", "short_caption"][:max(len(r) for _, r in table)]
+        for line_no, cells in (table[1:] if has_header else table):
+            if len(cells) > len(header):
+                bad.append(Skip(f"{captions_file}:{line_no}", MALFORMED_ROW,
+                                f"{len(cells)} fields, the header has {len(header)}"))
                 continue
             row: dict[str, Any] = dict(zip(header, cells))
             row["_line"] = line_no
@@ -168,7 +202,29 @@ def _read_caption_rows(captions_file: Path) -> list[dict[str, Any]]:
         if _pick(row, _PATH_KEYS) is None:
             raise RecordError(f"{captions_file}:{row['_line']}: no image path column "
                               f"(one of {_PATH_KEYS})")
-    return rows
+    return rows, bad
+
+
+def _read_csv_lines(path: Path, delimiter: str, bad: list[Skip]) -> list[tuple[int, list[str]]]:
+    """``(line_no, cells)`` of every non-blank line, each parsed on its own (strict quoting), so
+    an unterminated quote spoils one row instead of merging the next rows into a caption."""
+    table = []
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if _has_undecodable(line):
+                bad.append(Skip(f"{path}:{line_no}", UNDECODABLE_CAPTION, "not UTF-8 text"))
+                continue
+            try:
+                cells = next(csv.reader([line], delimiter=delimiter, strict=True))
+            except csv.Error as e:
+                bad.append(Skip(f"{path}:{line_no}", MALFORMED_ROW, str(e)))
+                continue
+            if any(c.strip() for c in cells):
+                table.append((line_no, cells))
+    return table
 
 
 def collect_items(images_dir: str | os.PathLike, captions_file: str | os.PathLike | None = None,
@@ -186,7 +242,8 @@ def collect_items(images_dir: str | os.PathLike, captions_file: str | os.PathLik
     skips: list[Skip] = []
     if captions_file is not None:
         seen: set[str] = set()
-        for row in _read_caption_rows(Path(captions_file)):
+        rows, skips = _read_caption_rows(Path(captions_file))
+        for row in rows:
             raw_path = str(_pick(row, _PATH_KEYS))
             path = Path(raw_path) if os.path.isabs(raw_path) else images_dir / raw_path
             item_id = _rel_id(path, images_dir)
@@ -208,10 +265,15 @@ def collect_items(images_dir: str | os.PathLike, captions_file: str | os.PathLik
                 skips.append(Skip(item_id, MISSING_CAPTION, "not in the captions file"))
     else:
         for path in _scan_images(images_dir):
-            caption = _read_text(path.with_suffix(".txt"))
-            if caption is None:
-                caption = _read_text(path.with_name(path.name + ".txt"))
-            short = _read_text(path.with_suffix(".short.txt")) or ""
+            try:
+                caption = _read_text(path.with_suffix(".txt"))
+                if caption is None:
+                    caption = _read_text(path.with_name(path.name + ".txt"))
+                short = _read_text(path.with_suffix(".short.txt")) or ""
+            except _Undecodable as e:
+                skips.append(Skip(_rel_id(path, images_dir), UNDECODABLE_CAPTION,
+                                  f"{e.args[0]}: {e.args[1]}"))
+                continue
             items.append(Item(str(path), _rel_id(path, images_dir), caption, short))
     for path in _scan_images(images_dir, OTHER_IMAGE_SUFFIXES):
         skips.append(Skip(_rel_id(path, images_dir), UNSUPPORTED,
@@ -236,11 +298,20 @@ def load_item(item: Item, source: str = "") -> Example | Skip:
         if fmt == "unknown":
             return Skip(item.id, UNREADABLE, "not an image file (unknown magic bytes)")
         return Skip(item.id, UNSUPPORTED, f"{fmt}; supported: {', '.join(SUPPORTED_FORMATS)}")
+    too_large = Skip(item.id, TOO_LARGE, f"more than {MAX_IMAGE_PIXELS:,} pixels (the training "
+                                         "pipeline's limit)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            orientation = img.getexif().get(0x0112, 1)
-            img.load()  # full decode: catches truncated / corrupt data
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    return dataclasses.replace(too_large, detail=f"{width}x{height}: "
+                                               + too_large.detail)
+                orientation = img.getexif().get(0x0112, 1)
+                img.load()  # full decode: catches truncated / corrupt data
+    except Image.DecompressionBombError:
+        return too_large
     except Exception as e:  # PIL raises many exception types on bad data
         return Skip(item.id, UNREADABLE, f"{type(e).__name__}: {e}")
     metadata = {"format": fmt, **item.metadata}

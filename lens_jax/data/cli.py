@@ -46,9 +46,14 @@ def add_build(subparsers) -> None:
             into sharded lens records (ArrayRecord). Image bytes are stored unchanged; PIL decodes
             every image once to reject corrupt files and to read width and height. Captions come
             from --captions (JSONL with keys path, caption[, short_caption][, metadata], or CSV/TSV
-            with columns path, caption[, short_caption], header optional) or, without it, from
-            text files beside each image: IMG.txt (or IMG.jpg.txt) and optionally IMG.short.txt.
-            Prints a report of what was written and what was skipped and why."""),
+            with columns path, caption[, short_caption], header optional, one row per line) or,
+            without it, from text files beside each image: IMG.txt (or IMG.jpg.txt) and
+            optionally IMG.short.txt. Bad inputs never stop the build: images that are missing,
+            corrupt, unsupported or larger than the training pipeline accepts, captions that are
+            empty or not UTF-8, and malformed rows are skipped; the report counts them by reason
+            and names them (file and line for rows). With fewer images than --num-shards, one
+            shard per image is written (no empty shards). --out may not contain, equal or lie
+            inside --images or --captions; --overwrite replaces only a folder of lens records."""),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--captions", default=None,
@@ -67,14 +72,27 @@ def add_build(subparsers) -> None:
     p.set_defaults(func=run_build)
 
 
+def check_records_output(args: argparse.Namespace, inputs: dict, command: str) -> None:
+    """--out may not overlap an input; --overwrite replaces only a folder of lens records."""
+    from lens_jax import output_guard
+    from lens_jax.data.records import OUTPUT_PATTERNS
+
+    output_guard.check_output(args.out, inputs)
+    if args.overwrite:
+        output_guard.check_replaceable(args.out, OUTPUT_PATTERNS, command)
+
+
 def run_build(args: argparse.Namespace) -> int:
     from lens_jax.data.build import build_records
+    from lens_jax.data.records import list_shards
 
+    check_records_output(args, {"--images": args.images, "--captions": args.captions},
+                         "lens-data build")
     source = args.source or os.path.basename(os.path.normpath(args.images))
     report = build_records(args.images, args.out, captions_file=args.captions,
                            num_shards=args.num_shards, workers=args.workers, source=source,
                            overwrite=args.overwrite, show_progress=not args.no_progress)
-    print(f"wrote {args.out} ({args.num_shards} shard(s), source {source!r})")
+    print(f"wrote {args.out} ({len(list_shards(args.out))} shard(s), source {source!r})")
     print(report.format())
     return 0
 
@@ -243,6 +261,7 @@ def run_synth_shapes(args: argparse.Namespace) -> int:
         groups = tuple(int(g) for g in args.groups.split(",") if g.strip())
     except ValueError:
         raise RecordError(f"--groups: expected comma-separated integers, got {args.groups!r}")
+    check_records_output(args, {}, "lens-data synth-shapes")
     shards = write_dataset(args.out, args.num, seed=args.seed, base_size=args.base_size,
                            groups=groups, num_shards=args.num_shards, workers=args.workers,
                            overwrite=args.overwrite, show_progress=not args.no_progress)

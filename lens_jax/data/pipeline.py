@@ -44,8 +44,9 @@ from lens_jax.data.tokenize import CaptionTokenizer, load_caption_tokenizer
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("bad_record", "empty_caption", "corrupt_image", "too_small", "extreme_aspect",
-                "too_many_image_tokens", "too_many_text_tokens", "caption_too_long", "error")
+SKIP_REASONS = ("bad_record", "empty_caption", "corrupt_image", "too_large", "too_small",
+                "extreme_aspect", "too_many_image_tokens", "too_many_text_tokens", "caption_too_long",
+                "error")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -53,7 +54,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # --- source and order
     c.path = ""                 # records: folder / glob / file list, or "tfds:NAME[:SPLIT][@DIR]"
-    c.seed = 0                  # shuffle + caption/bucket choices + sigma sampling
+    c.seed = 0                  # shuffle + caption/bucket choices
     c.shuffle = True            # global shuffle, a different permutation every epoch
     c.num_epochs = 0            # 0 = repeat forever
     c.process_index = -1        # -1: jax.process_index() (override for tests)
@@ -89,11 +90,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.lookahead = 64            # segments buffered by the packer
     c.max_wait = 4              # batches before a buffered segment is placed first
     c.pixel_dtype = "float32"   # image_patches: "float32" | "bfloat16" in [-1, 1]; "uint8" raw
-    # --- per-segment timesteps (logit-normal, location linear in image tokens, spec 5)
-    c.emit_sigma = True
-    c.sigma_scale = 1.0
-    c.sigma_loc = (1.0, 1.3)    # location at sigma_tokens[0] / sigma_tokens[1] image tokens
-    c.sigma_tokens = (256, 4096)
     # --- output
     c.data_axes = ("data",)     # mesh axes the batch (row) axis is sharded over
     return c
@@ -184,8 +180,12 @@ class _ExampleLoader:
                 image = Image.open(io.BytesIO(ex.image_bytes))
                 width, height = image.size
                 orientation = image.getexif().get(0x0112, 1)
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+                return skip("too_large")
             except Exception:  # noqa: BLE001 - PIL raises many types on bad files
                 return skip("corrupt_image")
+            if width * height > records.MAX_IMAGE_PIXELS:  # the limit lens-data build applies
+                return skip("too_large")
             if orientation in (5, 6, 7, 8):
                 width, height = height, width
             if min(width, height) < self.min_side:
@@ -232,19 +232,6 @@ class _ExampleLoader:
 
 # ---------------------------------------------------------------------------------------------
 # Stage 3: packing (main process)
-
-
-def sample_sigmas(num_image_tokens: np.ndarray, valid: np.ndarray, rng: np.random.Generator,
-                  scale: float = 1.0, loc: Sequence[float] = (1.0, 1.3),
-                  tokens: Sequence[int] = (256, 4096)) -> np.ndarray:
-    """Per-segment logit-normal sigmas: ``sigmoid(mu(n) + scale * z)``, with the location ``mu``
-    linear in the image token count ``n`` (``loc[0]`` at ``tokens[0]``, ``loc[1]`` at
-    ``tokens[1]``; spec 5). Invalid segments get 0."""
-    n = num_image_tokens.astype(np.float64)
-    mu = loc[0] + (loc[1] - loc[0]) * (n - tokens[0]) / (tokens[1] - tokens[0])
-    z = rng.standard_normal(n.shape)
-    sigma = 1.0 / (1.0 + np.exp(-(mu + scale * z)))
-    return np.where(valid, sigma, 0.0).astype(np.float32)
 
 
 class _PackIterDataset(grain.IterDataset):
@@ -308,12 +295,6 @@ class _PackIterator(grain.DatasetIterator):
         batch = build_batch(rows, image_tokens=n_img, text_tokens=self.packing.text_tokens,
                             max_segments=k, caption_length=self.packing.caption_length,
                             pixel_dtype=self.pixel_dtype)
-        if self.cfg.emit_sigma:
-            rng = np.random.default_rng([int(self.cfg.seed), self.process_index, self.batches,
-                                         0x51_6A])
-            batch["sigma"] = sample_sigmas(batch["num_image_tokens"], batch["segment_valid"],
-                                           rng, float(self.cfg.sigma_scale),
-                                           tuple(self.cfg.sigma_loc), tuple(self.cfg.sigma_tokens))
         self.batches += 1
         self.segments += int(batch["segment_valid"].sum())
         self.real_tokens[0] += int((batch["image_segment_ids"] > 0).sum())
@@ -515,5 +496,5 @@ def batch_images(batch: dict[str, Any]) -> list[list[np.ndarray]]:
     return [extract_images(host, r) for r in range(host["segment_valid"].shape[0])]
 
 
-__all__ = ["default_data_config", "make_pipeline", "LensDataIterator", "sample_sigmas",
+__all__ = ["default_data_config", "make_pipeline", "LensDataIterator",
            "host_index_dataset", "batch_images", "SKIP_REASONS"]

@@ -28,12 +28,15 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: int = 1
 
@@ -42,6 +45,10 @@ SCHEMA_VERSION: int = 1
 WRITER_OPTIONS = "group_size:1"
 SHARD_MARKER = ".array_record"
 MANIFEST_NAME = "lens_records.json"
+
+# The largest image (width x height) accepted, by lens-data build and by the training pipeline
+# alike: PIL's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 1024^3 / 4 / 3).
+MAX_IMAGE_PIXELS = 89_478_485
 
 _TEXT_FIELDS = ("caption", "short_caption", "id", "source", "metadata")
 _INT_FIELDS = ("width", "height")
@@ -229,7 +236,8 @@ def write_shards(examples: Iterable[Example], out_dir: str | os.PathLike, num_sh
                  ) -> list[str]:
     """Writes ``examples`` round-robin into ``num_shards`` ArrayRecord shards in ``out_dir``.
 
-    Example ``i`` goes to shard ``i % num_shards``. The folder is written under a temporary name
+    Example ``i`` goes to shard ``i % num_shards``; with fewer examples than shards only as many
+    shards as examples are written (no empty shard). The folder is written under a temporary name
     and renamed at the end, so a failure leaves nothing half-written. Besides the shards, the
     folder gets ``lens_records.json`` (schema version, per-shard counts, and ``extra_manifest``,
     a dict or a function returning one, called once all examples are written).
@@ -254,6 +262,18 @@ def write_shards(examples: Iterable[Example], out_dir: str | os.PathLike, num_sh
         finally:
             for writer in writers:
                 writer.close()
+        # Round-robin leaves only trailing shards empty (fewer examples than shards): drop them
+        # and renumber the rest, so that every shard holds data.
+        kept = sum(1 for c in counts if c) or 1
+        if kept < num_shards:
+            log.info("%d example(s): writing %d shard(s) instead of %d", sum(counts), kept,
+                     num_shards)
+            for name in names[kept:]:
+                (tmp / name).unlink()
+            names = [shard_name(prefix, i, kept) for i in range(kept)]
+            for i, name in enumerate(names):
+                os.replace(tmp / shard_name(prefix, i, num_shards), tmp / name)
+            counts = counts[:kept]
         manifest = {
             "format": "lens_records",
             "schema_version": SCHEMA_VERSION,
@@ -269,6 +289,10 @@ def write_shards(examples: Iterable[Example], out_dir: str | os.PathLike, num_sh
             f.write("\n")
     out = Path(out_dir).absolute()
     return [str(out / name) for name in names]
+
+
+# What ``write_shards`` puts in its folder (``--overwrite`` replaces a folder holding only these).
+OUTPUT_PATTERNS = (MANIFEST_NAME, f"*{SHARD_MARKER}-*")
 
 
 def open_source(path_or_shards: str | os.PathLike | Sequence[str | os.PathLike]):

@@ -45,7 +45,7 @@ def _groups(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lens-eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lens-eval", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -7,6 +7,7 @@ Queries attend to keys of their own segment only; segment 0 is padding, which no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -36,10 +37,70 @@ def xla_attention(q, k, v, segment_ids):
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def cudnn_attention(q, k, v, segment_ids):
-    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16/fp16)."""
-    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids),
-                                        implementation="cudnn")
+def cudnn_attention(q, k, v, segment_ids, implementation: str = "cudnn"):
+    """cuDNN flash attention (``jax.nn.dot_product_attention``, GPU, bf16/fp16) for rows holding
+    ONE segment plus padding anywhere (``packed=False``), without a mask array.
+
+    Valid tokens are moved to the front (stable order; attention does not depend on token order),
+    attended with ``query/key_value_seq_lengths`` = their count, and moved back; padding queries
+    get finite values (zeros). Wrong for packed rows (several segments): ``pallas_gpu_attention``.
+    ``implementation="xla"`` runs the same reordering through XLA (the CPU test).
+    """
+    valid = segment_ids != 0
+    order = jnp.argsort(~valid, axis=1, stable=True)  # [B, N]: valid tokens first
+    inverse = jnp.argsort(order, axis=1)
+    lengths = jnp.maximum(jnp.sum(valid, axis=1, dtype=jnp.int32), 1)  # an all-padding row: finite
+
+    def take(t, index):
+        return jnp.take_along_axis(t, index[:, :, None, None], axis=1)
+
+    out = jax.nn.dot_product_attention(take(q, order), take(k, order), take(v, order),
+                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return take(out, inverse)
+
+
+def pallas_gpu_attention(q, k, v, segment_ids, block_size: int = 128, interpret: bool = False):
+    """Packed rows on GPU: Pallas (Triton) flash attention with segment ids
+    (``jax.experimental.pallas.ops.gpu.attention.mha``, its Triton backward), no ``[N, N]`` mask.
+
+    The kernel masks by segment equality only, so padding queries (segment 0) attend to padding
+    keys: finite values that callers mask; valid queries never see padding keys, as in
+    ``xla_attention``. The sequence is padded (segment 0) to a multiple of ``block_size``.
+    ``interpret=True`` runs the kernel in Pallas interpret mode (any backend; the CPU test).
+    """
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    def kernel(q, k, v, segment_ids):
+        b, n, h, d = q.shape
+        padded = -(-n // block_size) * block_size
+        pad = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+        seg = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])
+        blocks = dataclasses.replace(pallas_attention.BlockSizes.get_default(), block_q=block_size,
+                                     block_k=block_size)
+        out = pallas_attention.mha(q, k, v, seg, sm_scale=d ** -0.5, block_sizes=blocks,
+                                   interpret=interpret)
+        return out[:, :n]
+
+    active = sharding.active()
+    if active is None or active[0].size == 1:
+        return kernel(q, k, v, segment_ids)
+    # XLA cannot partition a Pallas kernel: under a mesh it runs per shard, rows over the batch
+    # axes and heads over ``tensor`` (the layout the transformer constrains q/k/v to).
+    mesh, rules = active
+    spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "length", "heads", "head_dim"),
+                                                      rules, mesh), q.shape, mesh)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(*spec[:2])),
+                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
+
+
+def gpu_attention(q, k, v, segment_ids, packed: bool = True):
+    """The GPU path: ``pallas_gpu_attention`` for packed rows, ``cudnn_attention`` where each row
+    is one segment plus padding (``packed=False``: data ``mode="bucket"``, the sampler)."""
+    if packed:
+        return pallas_gpu_attention(q, k, v, segment_ids)
+    return cudnn_attention(q, k, v, segment_ids)
 
 
 def splash_attention(q, k, v, segment_ids, block_size: int = 512, *, interpret: bool = False):
@@ -108,11 +169,14 @@ def target_backend() -> str:
     return jax.default_backend()
 
 
-def attention(q, k, v, segment_ids, implementation: str = "auto", splash_block_size: int = 512):
-    """Segment-masked attention by the implementation ``resolve`` picks for ``target_backend()``."""
+
+def attention(q, k, v, segment_ids, implementation: str = "auto", splash_block_size: int = 512,
+              packed: bool = True):
+    """Segment-masked attention by the implementation ``resolve`` picks for ``target_backend()``.
+    ``packed=False`` promises one segment per row (plus padding), which lets the GPU use cuDNN."""
     impl = resolve(implementation, target_backend())
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids, splash_block_size)
     if impl == "cudnn":
-        return cudnn_attention(q, k, v, segment_ids)
+        return gpu_attention(q, k, v, segment_ids, packed)
     return xla_attention(q, k, v, segment_ids)

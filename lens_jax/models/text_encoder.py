@@ -8,6 +8,10 @@ residual streams (no final norm, no LM head). The layers' parameters are stacked
 Experts are either dense (``gate_up [E, hidden, 2*I]``, ``down [E, I, hidden]``, gate/up columns
 interleaved as in the checkpoint) or MXFP4-packed (uint8 blocks + scales, ``[E, out, in/32, 16]``),
 which are dequantized inside the jitted forward, one layer at a time.
+
+Under a mesh (``encode(..., mesh=, rules=)`` or an active ``lens_jax.sharding.use_rules``) the MoE
+runs in ``jax.shard_map`` (``moe_partitioned``): tokens split over the batch axes, experts over the
+``experts`` rule's axes; ``text_encoder_shardings`` places the parameters by the same logical names.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lens_jax import sharding
+from lens_jax.convert.keymap import unflatten
 from lens_jax.models import mxfp4 as mxfp4_lib
 
 LAYER_SLIDING = "sliding_attention"
@@ -248,6 +255,44 @@ def spec_dtype(kind: str, dtype) -> jnp.dtype:
     return {"float": jnp.dtype(dtype), "norm": jnp.dtype(jnp.float32), "packed": jnp.dtype(jnp.uint8)}[kind]
 
 
+def _rule_pairs(rules) -> tuple:
+    """Rules as ``(name, axes)`` pairs, from pairs (config) or a ``{name: axes}`` mapping (loader)."""
+    return tuple(rules.items()) if isinstance(rules, Mapping) else tuple((n, a) for n, a in rules)
+
+
+def text_encoder_shardings(config: GptOssConfig, num_layers: int, mxfp4: bool, mesh: Mesh, rules
+                           ) -> dict:
+    """NamedShardings of the parameter tree ``{"embed": ..., "layers": {name: ...}}`` (as
+    ``TextEncoder.params()`` returns it) on ``mesh``.
+
+    Each parameter's logical axes (``param_specs``) are mapped by ``rules`` (``(name, axes)`` pairs,
+    first match wins, or a mapping), exactly as the trainer places the denoiser; a dim that its
+    mesh axes do not divide is replicated. With ``DEFAULT_RULES`` the experts dim goes over
+    ``fsdp`` (and ``tensor``) where their sizes divide ``num_local_experts``. ``encode`` derives
+    its ``moe_partitioned`` layout from the same shardings.
+    """
+    from lens_jax.train.mesh import param_shardings
+
+    specs = param_specs(config, num_layers, mxfp4)
+    logical = unflatten({p: PartitionSpec(*axes) for p, (_, _, axes) in specs.items()})
+    abstract = unflatten({p: jax.ShapeDtypeStruct(shape, spec_dtype(kind, jnp.float32))
+                          for p, (shape, kind, _) in specs.items()})
+    return param_shardings(logical, abstract, mesh, _rule_pairs(rules))
+
+
+def abstract_params(config: GptOssConfig, num_layers: int, mxfp4: bool, dtype=jnp.bfloat16,
+                    mesh: Mesh | None = None, rules=()) -> dict:
+    """``jax.ShapeDtypeStruct`` parameter tree (sharded by ``text_encoder_shardings`` when a mesh
+    is given), for ``jax.jit(...).lower`` without weights."""
+    specs = param_specs(config, num_layers, mxfp4)
+    shardings = (text_encoder_shardings(config, num_layers, mxfp4, mesh, rules) if mesh is not None
+                 else None)
+    return unflatten({p: jax.ShapeDtypeStruct(
+        shape, spec_dtype(kind, dtype),
+        sharding=None if shardings is None else shardings[p[0]] if len(p) == 1 else shardings[p[0]][p[1]])
+        for p, (shape, kind, _) in specs.items()})
+
+
 def random_params(config: GptOssConfig, num_layers: int, mxfp4: bool, dtype=jnp.float32,
                   seed: int = 0, scale: float = 0.05) -> dict[tuple[str, ...], np.ndarray]:
     """Random host parameters (every tensor random; packed scales near 2^0) for tests/benchmarks."""
@@ -330,7 +375,8 @@ def moe_dense(x, ids, weights, gate_up, gate_up_bias, down, down_bias, limit, al
     (zero for unchosen experts). Exact; 8x the FLOPs of top-4-of-32 but plain batched matmuls
     that shard over an ``experts`` mesh axis.
 
-    x ``[T, D]``; gate_up ``[E, D, 2I]``; down ``[E, I, D]``.
+    x ``[T, D]``; gate_up ``[E, D, 2I]``; down ``[E, I, D]``. Ids outside ``0..E-1`` (experts held
+    by another shard) contribute nothing.
     """
     num_experts = gate_up.shape[0]
     combine = jnp.sum(jax.nn.one_hot(ids, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)
@@ -347,21 +393,123 @@ def moe_ragged(x, ids, weights, gate_up, gate_up_bias, down, down_bias, limit, a
 
     Only the chosen experts' FLOPs where the backend has a native grouped matmul (TPU); XLA's
     generic fallback (CPU) masks a dense product and is slower than ``moe_dense``.
+
+    Ids outside ``0..E-1`` (experts held by another shard) contribute nothing: their pairs sort
+    last and are cut, so the grouped matmuls have ``T * min(k, E)`` rows (each token picks distinct
+    experts, so at most ``min(k, E)`` of its pairs are local).
     """
     num_tokens, top_k = ids.shape
     num_experts = gate_up.shape[0]
     flat_ids = ids.reshape(-1)
-    order = jnp.argsort(flat_ids, stable=True)
-    sorted_ids = flat_ids[order]
+    local = (flat_ids >= 0) & (flat_ids < num_experts)
+    key = jnp.where(local, flat_ids, num_experts)
+    rows = num_tokens * min(top_k, num_experts)
+    order = jnp.argsort(key, stable=True)[:rows]
+    sorted_ids, kept = key[order], local[order]
     token = order // top_k
-    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(key, length=num_experts).astype(jnp.int32)  # drops id num_experts
     xs = x[token]
     gu = jax.lax.ragged_dot(xs, gate_up, group_sizes, preferred_element_type=jnp.float32)
     gu = (gu + gate_up_bias[sorted_ids].astype(jnp.float32)).astype(x.dtype)
     act = swiglu(gu, limit, alpha)
     y = jax.lax.ragged_dot(act, down, group_sizes, preferred_element_type=jnp.float32)
     y = (y + down_bias[sorted_ids].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
+    y = jnp.where(kept[:, None], y, 0.0)
     return jnp.zeros((num_tokens, x.shape[-1]), jnp.float32).at[token].add(y).astype(x.dtype)
+
+
+EXPERT_PARAMS = ("gate_up", "down", "gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales",
+                 "gate_up_bias", "down_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeLayout:
+    """How ``moe_partitioned`` splits one layer's MoE over ``mesh`` (static and hashable).
+
+    Tokens ``[T]`` are split over ``token_axes``, experts ``[E]`` over ``expert_axes``; ``specs``
+    holds each per-layer expert tensor's PartitionSpec (its leading dim is the experts dim).
+    """
+
+    mesh: Mesh
+    token_axes: tuple[str, ...]
+    expert_axes: tuple[str, ...]
+    specs: tuple[tuple[str, PartitionSpec], ...]
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def moe_layout(config: GptOssConfig, num_layers: int, mxfp4: bool, batch_size: int, mesh: Mesh,
+               rules) -> MoeLayout:
+    """The MoE layout implied by ``text_encoder_shardings`` (experts) and the ``batch`` rule fitted
+    to ``batch_size`` rows (tokens), on ``mesh``."""
+    from lens_jax.train.mesh import param_shardings
+
+    layers = text_encoder_shardings(config, num_layers, mxfp4, mesh, rules)["layers"]
+    specs = {n: PartitionSpec(*tuple(s.spec)[1:]) for n, s in layers.items() if n in EXPERT_PARAMS}
+    expert_axes = {n: _spec_axes(s[0] if len(s) else None) for n, s in specs.items()}
+    if len(set(expert_axes.values())) != 1:
+        raise ValueError(f"text encoder expert tensors are split over different mesh axes along the "
+                         f"experts dim: {expert_axes}; give them one 'experts' rule")
+    rows = param_shardings({"rows": PartitionSpec("batch")},
+                           {"rows": jax.ShapeDtypeStruct((batch_size,), jnp.int32)},
+                           mesh, _rule_pairs(rules))["rows"]
+    return MoeLayout(mesh=mesh, token_axes=_spec_axes(rows.spec[0] if len(rows.spec) else None),
+                     expert_axes=next(iter(expert_axes.values())),
+                     specs=tuple(sorted(specs.items())))
+
+
+def moe_partitioned(layout: MoeLayout, moe_impl: str, x, ids, weights, experts: Mapping[str, jax.Array],
+                    limit: float, alpha: float) -> jax.Array:
+    """The MoE of one layer in ``jax.shard_map`` over ``layout.mesh``: exact, same result as the
+    unsharded ``moe_dense``/``moe_ragged`` up to summation order.
+
+    Each shard holds its tokens ``x [T/t, D]`` (routing ``ids``/``weights [T/t, k]``) and its
+    experts (``experts``: the layer's expert tensors, MXFP4 or dense, dequantized here per shard).
+    Tokens are all-gathered over the expert axes that also split tokens (chunk by chunk, under
+    ``lax.map``, so the grouped matmuls stay ``[T/t * min(k, E_local), ...]``), each shard applies
+    its local experts, and the partial sums are reduce-scattered back to their tokens; expert axes
+    that do not split tokens are summed with ``psum``. Expert tensors split along another dim too
+    (e.g. ``mlp`` over ``tensor``) are all-gathered along it per layer.
+    """
+    names = tuple(n for n, _ in layout.specs if n in experts)
+    specs = dict(layout.specs)
+    tokens = PartitionSpec(layout.token_axes or None)
+    gather = tuple(a for a in layout.expert_axes if a in layout.token_axes)
+    summed = tuple(a for a in layout.expert_axes if a not in layout.token_axes)
+    moe = moe_ragged if moe_impl == "ragged" else moe_dense
+
+    def local(x, ids, weights, *arrays):
+        layer = {}
+        for name, array in zip(names, arrays):
+            for dim, entry in enumerate(specs[name]):
+                if dim and entry is not None:
+                    array = jax.lax.all_gather(array, _spec_axes(entry), axis=dim, tiled=True)
+            layer[name] = array
+        num_local = layer["gate_up_bias"].shape[0]
+        offset = jax.lax.axis_index(layout.expert_axes) * num_local if layout.expert_axes else 0
+        gate_up, down = expert_weights(layer, x.dtype)
+
+        def run(chunk):
+            xc, ic, wc = chunk
+            return moe(xc, ic - offset, wc, gate_up, layer["gate_up_bias"], down, layer["down_bias"],
+                       limit, alpha)
+
+        if gather:  # [G, T/t, ...]: every token of the expert group, by source shard
+            chunks = tuple(jax.lax.all_gather(t, gather, axis=0) for t in (x, ids, weights))
+            y = jax.lax.psum_scatter(jax.lax.map(run, chunks), gather, scatter_dimension=0)
+        else:
+            y = run((x, ids, weights))
+        return jax.lax.psum(y, summed) if summed else y
+
+    in_specs = (tokens, tokens, tokens) + tuple(specs[n] for n in names)
+    # check_vma=False: the weights all-gathered along a non-expert dim are the same on every shard
+    # of that axis, which the varying-axes check cannot infer (jax 0.10 has no public
+    # all_gather_invariant); the tests compare every layout with the unsharded MoE.
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=in_specs, out_specs=tokens,
+                         check_vma=False)(
+        x, ids, weights, *(experts[n] for n in names))
 
 
 def expert_weights(layer: Mapping[str, jnp.ndarray], dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -376,25 +524,43 @@ def expert_weights(layer: Mapping[str, jnp.ndarray], dtype) -> tuple[jnp.ndarray
     return layer["gate_up"], layer["down"]
 
 
+def split_rows(layout: MoeLayout | None, t: jax.Array) -> jax.Array:
+    """Keeps ``t [B or T, ...]`` split by rows over ``layout.token_axes`` (identity without a
+    layout), so that XLA gathers the FSDP-split weights rather than the activations."""
+    if layout is None:
+        return t
+    return jax.lax.with_sharding_constraint(
+        t, NamedSharding(layout.mesh, PartitionSpec(layout.token_axes or None)))
+
+
 def decoder_layer(config: GptOssConfig, moe_impl: str, h: jnp.ndarray, layer: Mapping[str, jnp.ndarray],
-                  window: jnp.ndarray, valid: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
-                  ) -> jnp.ndarray:
-    """One pre-norm decoder layer on ``h [B, L, D]``; ``valid [B, L]`` is the key padding mask."""
+                  window: jnp.ndarray, valid: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
+                  layout: MoeLayout | None = None) -> jnp.ndarray:
+    """One pre-norm decoder layer on ``h [B, L, D]``; ``valid [B, L]`` is the key padding mask.
+
+    With a ``layout`` the MoE is ``moe_partitioned``; without, it runs on the global token axis."""
     c = config
     b, length, d = h.shape
+    rows = functools.partial(split_rows, layout)
     x = rms_norm(h, layer["input_norm"], c.rms_norm_eps)
-    q = jnp.einsum("bld,dhk->blhk", x, layer["q_kernel"]) + layer["q_bias"]
-    k = jnp.einsum("bld,dhk->blhk", x, layer["k_kernel"]) + layer["k_bias"]
-    v = jnp.einsum("bld,dhk->blhk", x, layer["v_kernel"]) + layer["v_bias"]
+    q = rows(jnp.einsum("bld,dhk->blhk", x, layer["q_kernel"]) + layer["q_bias"])
+    k = rows(jnp.einsum("bld,dhk->blhk", x, layer["k_kernel"]) + layer["k_bias"])
+    v = rows(jnp.einsum("bld,dhk->blhk", x, layer["v_kernel"]) + layer["v_bias"])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     pos = jnp.arange(length)
     causal = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
     allowed = causal[None] & valid[:, None, :]
-    a = attention(q, k, v, layer["sinks"], allowed)
-    h = h + (jnp.einsum("blhk,hkd->bld", a, layer["o_kernel"]) + layer["o_bias"]).astype(h.dtype)
+    a = rows(attention(q, k, v, layer["sinks"], allowed))
+    h = rows(h + (jnp.einsum("blhk,hkd->bld", a, layer["o_kernel"]) + layer["o_bias"]).astype(h.dtype))
 
-    x = rms_norm(h, layer["post_norm"], c.rms_norm_eps).reshape(b * length, d)
+    x = rows(rms_norm(h, layer["post_norm"], c.rms_norm_eps).reshape(b * length, d))
     ids, weights = route(x, layer["router_kernel"], layer["router_bias"], c.num_experts_per_tok)
+    ids, weights = rows(ids), rows(weights)
+    if layout is not None:
+        y = moe_partitioned(layout, moe_impl, x, ids, weights,
+                            {n: v for n, v in layer.items() if n in EXPERT_PARAMS},
+                            c.swiglu_limit, c.swiglu_alpha)
+        return h + y.reshape(b, length, d)
     gate_up, down = expert_weights(layer, x.dtype)
     moe = moe_ragged if moe_impl == "ragged" else moe_dense
     y = moe(x, ids, weights, gate_up, layer["gate_up_bias"], down, layer["down_bias"],
@@ -408,19 +574,39 @@ def layer_windows(config: GptOssConfig, num_layers: int) -> np.ndarray:
                        for t in config.layer_types[:num_layers]], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "selected", "moe_impl"))
 def encode(params: Mapping, input_ids: jnp.ndarray, attention_mask: jnp.ndarray, *,
-           config: GptOssConfig, selected: tuple[int, ...], moe_impl: str = "dense"
-           ) -> list[jnp.ndarray]:
+           config: GptOssConfig, selected: tuple[int, ...], moe_impl: str = "dense",
+           mesh: Mesh | None = None, rules=None) -> list[jnp.ndarray]:
     """Pure forward: ``input_ids [B, L]`` + mask ``[B, L]`` -> selected layers' ``[B, L, D]``.
 
     ``params`` is ``{"embed": [V, D], "layers": {name: [N, ...]}}`` with N >= max(selected) + 1
     (extra layers are not run). Right padding is assumed (positions ``0..L-1``).
+
+    ``mesh``/``rules`` (default: those of an active ``lens_jax.sharding.use_rules``, as inside the
+    train step): on a mesh of more than one device the MoE is ``moe_partitioned`` (experts as
+    ``text_encoder_shardings`` places them, tokens over the ``batch`` rule's axes) and the hidden
+    states are kept split over the batch axes. Callable inside ``jax.jit`` or ``.lower`` as is.
     """
+    if mesh is None:
+        mesh, rules = sharding.active() or (None, None)
+    layout = None
+    if mesh is not None and mesh.size > 1:
+        layers = params["layers"]
+        layout = moe_layout(config, int(layers["input_norm"].shape[0]), "gate_up_blocks" in layers,
+                            int(input_ids.shape[0]), mesh, rules or ())
+    return _encode(params, input_ids, attention_mask, config=config, selected=tuple(selected),
+                   moe_impl=moe_impl, layout=layout)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "selected", "moe_impl", "layout"))
+def _encode(params: Mapping, input_ids: jnp.ndarray, attention_mask: jnp.ndarray, *,
+            config: GptOssConfig, selected: tuple[int, ...], moe_impl: str,
+            layout: MoeLayout | None) -> list[jnp.ndarray]:
     num_layers = max(selected) + 1
     layers = {name: value[:num_layers] if value.shape[0] > num_layers else value
               for name, value in params["layers"].items()}
-    h = jnp.take(params["embed"], input_ids, axis=0)  # [B, L, D]
+    rows = functools.partial(split_rows, layout)
+    h = rows(jnp.take(params["embed"], input_ids, axis=0))  # [B, L, D]
     b, length, d = h.shape
     valid = attention_mask.astype(bool)
     inv_freq, attention_factor = rope_frequencies(config.rope, config.head_dim)
@@ -435,7 +621,7 @@ def encode(params: Mapping, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
     def body(carry, xs):
         h, out = carry
         layer, window, slot = xs
-        h = decoder_layer(config, moe_impl, h, layer, window, valid, cos, sin)
+        h = rows(decoder_layer(config, moe_impl, h, layer, window, valid, cos, sin, layout))
         out = jax.lax.dynamic_update_index_in_dim(out, h, slot, 0)
         return (h, out), None
 
@@ -497,7 +683,9 @@ class TextEncoder(nnx.Module):
                   if isinstance(var, nnx.Variable)}
         return {"embed": self.embed[...], "layers": layers}
 
-    def __call__(self, input_ids, attention_mask=None) -> list[jax.Array]:
+    def __call__(self, input_ids, attention_mask=None, *, mesh: Mesh | None = None,
+                 rules=None) -> list[jax.Array]:
+        """Selected layers' hidden states; ``mesh``/``rules`` as in ``encode``."""
         if isinstance(input_ids, np.ndarray) and input_ids.size:  # host inputs are checked cheaply
             if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
                 raise ValueError(f"input_ids outside 0..{self.config.vocab_size - 1}: "
@@ -517,7 +705,7 @@ class TextEncoder(nnx.Module):
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
         return encode(self.params(), input_ids, attention_mask, config=self.config,
-                      selected=self.selected, moe_impl=self.moe_impl)
+                      selected=self.selected, moe_impl=self.moe_impl, mesh=mesh, rules=rules)
 
     @property
     def dtype(self) -> jnp.dtype:

@@ -1,16 +1,18 @@
-"""``lens-sample``: text to images with a Lens checkpoint, one PNG + one JSON sidecar per image.
+"""lens-sample: text to images with a Lens checkpoint, one PNG + one JSON sidecar per image.
 
   lens-sample --model path/to/Lens --prompt "a red cube on a table" --out out/
   lens-sample --model path/to/Lens-Turbo --prompts-file prompts.jsonl --bucket 1024:3:4 --out out/
   lens-sample --model path/to/Lens --replay out/00003.json --out again/    # reproduce one image
 
-Image k of a run (prompt-major: every image of prompt 1, then prompt 2, ...) is ``{k:05d}.png``;
-its sidecar ``{k:05d}.json`` holds every setting (prompt, negative prompt, seed, image index,
+Image k of a run (prompt-major: every image of prompt 1, then prompt 2, ...) is {k:05d}.png;
+its sidecar {k:05d}.json holds every setting (prompt, negative prompt, seed, image index,
 steps, guidance, size, date, model, dtype, package version). The starting noise of an image
 depends only on (seed, image index), so batch size and device count do not change it.
-A random checkpoint to try this with: ``lens-convert random --out /tmp/lens-tiny --preset tiny``.
-``lens-sample compile --topology v5e-8`` compiles the sampler for a TPU host and prints its memory
-(``lens_jax.sampling.compile``).
+Every argument is checked before any weight is read. --out may not be (or lie inside, or
+contain) the --model folder. A random checkpoint to try this with:
+lens-convert random --out /tmp/lens-tiny --preset tiny
+lens-sample compile --topology v5e-8 compiles the sampler for a TPU host and prints its memory
+(lens_jax.sampling.compile).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -58,12 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale; 1 disables the unconditional pass "
                              "(default: preset)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0 <= seed < 2^32)")
-    parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed, 0 <= seed < 2^32 (default: %(default)s)")
+    parser.add_argument("--num-images-per-prompt", type=int, default=1,
+                        help="images per prompt (default: %(default)s)")
     parser.add_argument("--first-index", type=int, default=0,
-                        help="image index of the first image (continue a run without repeating noise)")
+                        help="image index of the first image, to continue a run without repeating "
+                             "noise (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1,
-                        help="images per denoising batch (the batch is sharded over all local devices)")
+                        help="images per denoising batch, sharded over the local devices "
+                             "(default: %(default)s)")
     parser.add_argument("--date", default=None,
                         help="YYYY-MM-DD rendered into the prompt template (default: today); it "
                              "changes the text features, so keep it to reproduce images")
@@ -134,17 +141,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+# Fields a replay sidecar must hold (written by every lens-sample run).
+REPLAY_FIELDS = {"prompt": str, "negative_prompt": str, "height": int, "width": int,
+                 "num_inference_steps": int, "guidance_scale": (int, float), "seed": int,
+                 "image_index": int, "date": str}
+
+
+def read_replay(path: str | os.PathLike) -> dict:
+    """A sidecar JSON written by lens-sample, checked: every field of ``REPLAY_FIELDS`` present
+    with its type (``ValueError`` naming the file and the missing or wrong fields)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            replay = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--replay {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--replay {path}: not a JSON sidecar ({e})") from None
+    if not isinstance(replay, dict):
+        raise ValueError(f"--replay {path}: expected a JSON object written by lens-sample, found "
+                         f"a {type(replay).__name__}")
+    missing = [k for k in REPLAY_FIELDS if k not in replay]
+    if missing:
+        raise ValueError(f"--replay {path}: missing field(s) {', '.join(missing)}")
+    wrong = [f"{k} ({replay[k]!r})" for k, kind in REPLAY_FIELDS.items()
+             if not isinstance(replay[k], kind) or isinstance(replay[k], bool)]
+    if wrong:
+        raise ValueError(f"--replay {path}: field(s) of the wrong type: {', '.join(wrong)}")
+    return replay
+
+
+def check_settings(*, steps: int | None, guidance: float | None, seed: int, first_index: int,
+                   batch_size: int, n_per_prompt: int, devices: int | None) -> None:
+    """Every numeric argument, before anything is loaded (``ValueError`` naming the flag)."""
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps}: must be >= 1")
+    if guidance is not None and not math.isfinite(guidance):
+        raise ValueError(f"--guidance {guidance}: must be a finite number")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"--seed {seed}: must be in [0, 2^32)")
+    if first_index < 0:
+        raise ValueError(f"--first-index {first_index}: must be >= 0")
+    if batch_size < 1 or n_per_prompt < 1:
+        raise ValueError("--batch-size and --num-images-per-prompt must be >= 1")
+    if devices is not None:
+        import jax
+
+        if not 1 <= devices <= jax.local_device_count():
+            raise ValueError(f"--devices {devices}: {jax.local_device_count()} local device(s) "
+                             f"available ({jax.default_backend()})")
+
+
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+
+    from lens_jax import output_guard
 
     jobs: list[dict] = [{"prompt": p} for p in args.prompt]
     if args.prompts_file:
         jobs += read_prompts_file(args.prompts_file)
     replay = None
     if args.replay:
-        with open(args.replay) as f:
-            replay = json.load(f)
-        jobs.append({"prompt": replay["prompt"], "negative_prompt": replay.get("negative_prompt", "")})
+        replay = read_replay(args.replay)
+        jobs.append({"prompt": replay["prompt"], "negative_prompt": replay["negative_prompt"]})
     if not jobs:
         raise ValueError("give at least one --prompt, a --prompts-file or --replay")
     if replay is not None and len(jobs) != 1:
@@ -157,7 +215,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.size:
         height, width = parse_size(args.size)
     elif replay is not None:
-        height, width = int(replay["height"]), int(replay["width"])
+        height, width = replay["height"], replay["width"]
     else:
         height, width = 1024, 1024
     steps, guidance, seed, first_index = args.steps, args.guidance, args.seed, args.first_index
@@ -166,9 +224,9 @@ def _run(args: argparse.Namespace) -> int:
         steps = steps or replay["num_inference_steps"]
         guidance = replay["guidance_scale"] if guidance is None else guidance
         seed, first_index, n_per_prompt = replay["seed"], replay["image_index"], 1
-        date = date or replay.get("date")
-    if args.batch_size < 1 or n_per_prompt < 1:
-        raise ValueError("--batch-size and --num-images-per-prompt must be >= 1")
+        date = date or replay["date"]
+    check_settings(steps=steps, guidance=guidance, seed=seed, first_index=first_index,
+                   batch_size=args.batch_size, n_per_prompt=n_per_prompt, devices=args.devices)
 
     from lens_jax.sampling.pipeline import LensPipeline, date_string
     from lens_jax.sampling.resolution import check_resolution
@@ -178,7 +236,12 @@ def _run(args: argparse.Namespace) -> int:
     images = [(job, first_index + k) for k, job in
               enumerate(j for j in jobs for _ in range(n_per_prompt))]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    output_guard.check_output(out, {"--model": args.model})
+    written = {(out / f"{i:05d}{ext}").resolve() for _, i in images for ext in (".png", ".json")}
+    for flag, path in (("--replay", args.replay), ("--prompts-file", args.prompts_file)):
+        if path and Path(path).resolve() in written:
+            raise ValueError(f"{flag} {path} is one of the files this run writes in --out {out}; "
+                             "choose another --out")
     if not args.overwrite:
         taken = [f"{i:05d}.png" for _, i in images if (out / f"{i:05d}.png").exists()]
         if taken:
@@ -189,6 +252,7 @@ def _run(args: argparse.Namespace) -> int:
                                         devices=args.devices, bf16_timesteps=args.bf16_timesteps,
                                         compilation_cache=cache, progress=True)
     logging.info("%s", pipe)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty folder
     bar = tqdm(total=len(images), desc="images", unit="img")
     for start in range(0, len(images), args.batch_size):
         chunk = images[start:start + args.batch_size]
@@ -204,7 +268,8 @@ def _run(args: argparse.Namespace) -> int:
             assert settings["image_index"] == index
             _write_atomic(out / f"{index:05d}.png", lambda p: result.images[k].save(p, format="PNG"))
             _write_atomic(out / f"{index:05d}.json",
-                          lambda p: p.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n"))
+                          lambda p: p.write_text(json.dumps(settings, indent=2, sort_keys=True,
+                                                            allow_nan=False) + "\n"))
         bar.set_postfix(denoise_s=f"{result.timings['denoising']:.2f}")
         bar.update(len(chunk))
     bar.close()

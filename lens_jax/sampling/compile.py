@@ -60,10 +60,13 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
         f"{steps} steps, guidance {guidance}, attention={cfg.attention}")
 
     # Text encoder: the trainer's description of GPT-OSS-20B (or the tiny one), on the first chip.
+    from lens_jax.models.text_encoder import abstract_params
+
     fake = type("C", (), {})()
     fake.model, fake.text_encoder = cfg, type("T", (), {"path": "random" if tiny else ""})()
     enc = train_compile.text_encoder_spec(fake, "tpu")
-    text_params = train_compile.abstract_text_params(enc, first.mesh)
+    text_params = abstract_params(enc.config, max(enc.selected) + 1, enc.mxfp4, jnp.dtype(enc.dtype),
+                                  first.mesh, ())
     ids = jax.ShapeDtypeStruct((batch, text_length), jnp.int32, sharding=first)
     mask = jax.ShapeDtypeStruct((batch, text_length), jnp.bool_, sharding=first)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 import logging
 import os
 import time
@@ -131,11 +132,25 @@ def _component_folder(root: Path, name: str) -> Path:
 
 
 def date_string(date: str | datetime.date | None) -> str:
-    """The ``YYYY-MM-DD`` rendered into the prompt template (``None``: today's local date)."""
+    """The ``YYYY-MM-DD`` rendered into the prompt template (``None``: today's local date).
+
+    A string must be a real calendar date written ``YYYY-MM-DD`` (``ValueError`` otherwise):
+    the date changes the text features, so a typo must not silently change the images.
+    """
     from lens_jax.text import today
     if date is None:
         return today()
-    return date.isoformat() if isinstance(date, datetime.date) else str(date)
+    if isinstance(date, datetime.date):
+        return date.isoformat()
+    text = str(date)
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"date {text!r}: expected a calendar date as YYYY-MM-DD, e.g. "
+                         f"{today()}") from None
+    return text
 
 
 def default_dtype() -> str:
@@ -224,6 +239,10 @@ class LensPipeline:
                                       "expected 'LensPipeline'")
         else:
             log.warning("%s has no model_index.json; reading the component folders directly", root)
+        scheduler_file = root / "scheduler" / "scheduler_config.json"
+        scheduler_config = (SchedulerConfig.from_json(read_json(scheduler_file),  # before any weight
+                                                      source=str(scheduler_file))
+                            if scheduler_file.is_file() else SchedulerConfig())
         dtype = jnp.dtype(dtype or default_dtype())
         transformer = load_transformer(transformer_path or _component_folder(root, "transformer"),
                                        dtype=dtype, compute_dtype=dtype, progress=progress)
@@ -232,9 +251,6 @@ class LensPipeline:
                                          layers=tuple(transformer.config.selected_layer_index),
                                          dtype=dtype, mxfp4=mxfp4, progress=progress)
         tokenizer = PromptTokenizer.from_pretrained(_component_folder(root, "tokenizer"))
-        scheduler_file = root / "scheduler" / "scheduler_config.json"
-        scheduler_config = (SchedulerConfig.from_file(scheduler_file) if scheduler_file.is_file()
-                            else SchedulerConfig())
         return cls(transformer, vae, text_encoder, tokenizer, scheduler_config,
                    preset=preset or preset_for(path), devices=devices,
                    bf16_timesteps=bf16_timesteps, source=str(path))

@@ -1,11 +1,12 @@
-"""``lens-train --config configs/NAME.py --workdir DIR [--config.FIELD=VALUE ...]``.
+"""lens-train --config configs/NAME.py --workdir DIR [--config.FIELD=VALUE ...]
 
 Trains (or resumes, when DIR holds checkpoints) the Lens denoiser. Any config field can be
-overridden on the command line (ml_collections ``config_flags``), e.g. ``--config.num_steps=200
---config.optimizer.lr=1e-4 --config.data.path=/data/shapes``. ``lens-train export ...`` exports
-saved weights to a diffusers folder (see ``lens_jax.train.export``); ``lens-train compile --config CFG
---topology v5p-128`` compiles the step for a TPU slice from any host and says whether it fits
-(``lens_jax.train.compile``, docs/tpu.md).
+overridden on the command line, e.g. --config.num_steps=200 --config.optimizer.lr=1e-4
+--config.data.path=/data/shapes. Every field, its value and what it means:
+lens-train --config configs/NAME.py --help_config. lens-train export ... exports saved weights
+to a diffusers folder (lens-train export --help); lens-train compile --config CFG --topology
+v5p-128 compiles the step for a TPU slice from any host and says whether it fits
+(lens-train compile --help, docs/tpu.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file (configs/*.py); override fields with --config.FIELD=VALUE.",
+    "config", None, "Training config file (configs/*.py); override fields with --config.FIELD=VALUE; "
+    "--help_config lists every field with its value and meaning.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints/, metrics.jsonl, tensorboard/, samples/, config.json. "
@@ -43,13 +45,18 @@ def _run(argv) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     _quiet_logs()
-    from lens_jax.train.trainer import NonFiniteLossError, train
+    from lens_jax.train.checkpoint import CheckpointMismatchError, CheckpointUnusableError
+    from lens_jax.train.loop import NonFiniteLossError, train
+    from lens_jax.train.workdir_lock import WorkdirLocked
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except NonFiniteLossError as e:
         print(f"lens-train: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except (CheckpointMismatchError, CheckpointUnusableError, WorkdirLocked) as e:
+        print(f"lens-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         from lens_jax.train import compile as compile_lib
 
         sys.exit(compile_lib.main(argv[2:]))
+    from lens_jax.train import config_help
+
+    config_help.main_hook(argv[1:])  # --help_config; an unknown --config.FIELD in one line
     # ``--help`` lists the key flags of the program's main module; under a console script that is
     # the wrapper, not this module, so register ours for it (and say how to export).
     for flag in ("config", "workdir"):

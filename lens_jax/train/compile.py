@@ -252,7 +252,7 @@ def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
 
 def abstract_batch(config: ml_collections.ConfigDict, rows: int, sharding) -> dict:
     """The step's batch (``rows`` packed rows, every host together) as abstract arrays: the keys
-    of ``lens_jax.data.packing.build_batch`` (+ ``sigma``; ``latents`` for ``image_encoder=vae``)."""
+    of ``lens_jax.data.packing.build_batch`` (``latents`` instead of ``image_patches`` for ``image_encoder=vae``)."""
     from lens_jax.data.packing import build_batch
     from lens_jax.data.pipeline import _dtype as pixel_dtype
 
@@ -261,8 +261,6 @@ def abstract_batch(config: ml_collections.ConfigDict, rows: int, sharding) -> di
                         max_segments=int(d.max_segments), caption_length=int(d.caption_length),
                         pixel_dtype=pixel_dtype(d.pixel_dtype))
     batch = {k: _sds((rows,) + v.shape[1:], v.dtype, sharding) for k, v in empty.items()}
-    if d.emit_sigma:
-        batch["sigma"] = _sds((rows, int(d.max_segments)), jnp.float32, sharding)
     if config.image_encoder.kind == "vae":
         del batch["image_patches"]
         batch["latents"] = _sds((rows, int(d.image_tokens), int(config.model.in_channels)),
@@ -303,57 +301,37 @@ def text_encoder_spec(config: ml_collections.ConfigDict, backend: str) -> Abstra
     return AbstractTextEncoder(cfg, selected, moe, True, "bfloat16")
 
 
-def text_param_spec(path: tuple[str, ...], logical_axes: tuple, mesh: Mesh) -> PartitionSpec:
-    """The sharding of one GPT-OSS parameter inside the training step (one place to change).
-
-    Today: replicated on every chip (the MoE sorts the global token axis and does not partition).
-    """
-    del path, logical_axes, mesh
-    return PartitionSpec()
-
-
-def abstract_text_params(enc: AbstractTextEncoder, mesh: Mesh) -> dict:
-    from lens_jax.models.text_encoder import param_specs, spec_dtype
-
-    out: dict = {"layers": {}}
-    for path, (shape, kind, axes) in param_specs(enc.config, max(enc.selected) + 1, enc.mxfp4).items():
-        arr = _sds(shape, spec_dtype(kind, enc.dtype),
-                   NamedSharding(mesh, text_param_spec(path, axes, mesh)))
-        if path[0] == "layers":
-            out["layers"][path[1]] = arr
-        else:
-            out[path[0]] = arr
-    return out
-
-
-def abstract_frozen(config: ml_collections.ConfigDict, mesh: Mesh,
+def abstract_frozen(config: ml_collections.ConfigDict, mesh: Mesh, rules,
                     enc: AbstractTextEncoder | None) -> dict:
-    """The ``frozen`` argument of ``Trainer.train_step`` (keys of ``trainer.build_frozen``)."""
-    from lens_jax.train import objective
+    """The ``frozen`` argument of ``Trainer.train_step`` (keys of ``encoders.build_frozen``),
+    GPT-OSS's parameters sharded as the trainer places them (``encoders.frozen_shardings``)."""
+    from lens_jax.models.text_encoder import abstract_params
+    from lens_jax.train import stand_ins
 
     rep = NamedSharding(mesh, PartitionSpec())
     ie, te, m = config.image_encoder, config.text_encoder, config.model
-    frozen = {"nan_at_step": _sds((), jnp.int32, rep)}
+    frozen = {}
     if ie.kind == "dct":
-        frozen["dct"] = _sds(np.shape(objective.dct_basis(int(m.in_channels))), jnp.float32, rep)
+        frozen["dct"] = _sds(np.shape(stand_ins.dct_basis(int(m.in_channels))), jnp.float32, rep)
     if te.kind == "embedding":
         frozen["text_tables"] = _sds((len(m.selected_layer_index), int(te.vocab_size),
                                       int(m.enc_hidden_dim)), jnp.float32, rep)
     elif te.kind == "gpt_oss":
-        frozen["text_params"] = abstract_text_params(enc, mesh)
+        frozen["text_params"] = abstract_params(enc.config, max(enc.selected) + 1, enc.mxfp4,
+                                                jnp.dtype(enc.dtype), mesh, rules)
     return frozen
 
 
 @contextlib.contextmanager
 def _abstract_text_encoder(enc: AbstractTextEncoder | None):
-    """The trainer looks its text encoder up by config (``trainer._text_encoder``), which would load
+    """The step looks its text encoder up by config (``encoders.text_encoder``), which would load
     a checkpoint; while compiling it gets the abstract description instead."""
     if enc is None:
         yield
         return
-    from lens_jax.train import trainer as trainer_lib
+    from lens_jax.train import encoders
 
-    with mock.patch.object(trainer_lib, "_text_encoder", lambda config: enc):
+    with mock.patch.object(encoders, "text_encoder", lambda config: enc):
         yield
 
 
@@ -407,7 +385,7 @@ def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
     trainer = Trainer(config, mesh, with_encoders=False)
     state = trainer.abstract_state()
     batch = abstract_batch(config, rows, trainer.batch_sharding)
-    frozen = abstract_frozen(config, mesh, enc)
+    frozen = abstract_frozen(config, mesh, trainer.rules, enc)
     text_bytes = per_chip_bytes(frozen.get("text_params", {}))
     if enc is not None:
         log(f"text encoder: GPT-OSS ({enc.config.num_hidden_layers} layers, MoE {enc.moe_impl}), "

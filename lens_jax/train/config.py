@@ -3,7 +3,7 @@
 Sections: ``model`` (the denoiser, ``lens_jax.models.config``), ``data`` (the input pipeline,
 ``lens_jax.data.pipeline.default_data_config``), ``mesh`` and ``rules`` (sharding), ``objective``,
 ``image_encoder`` / ``text_encoder`` (frozen encoders or stand-ins), ``optimizer``, ``ema``,
-``checkpoint``, ``logging``, ``samples``, ``debug``.
+``checkpoint``, ``logging``, ``samples``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ DEFAULT_RULES = (
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("experts", ("fsdp", "tensor")),  # GPT-OSS experts (E=32): the axes whose sizes divide E
     ("mlp", "tensor"),
     ("modulation", "tensor"),
     ("embed_out", "tensor"),
@@ -60,10 +61,11 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.coordinator_address = ""        # for distributed="yes" outside a managed cluster
     c.num_processes = 0
     c.process_id = -1
+    c.heartbeat_timeout_s = 100       # a process silent this long (killed, host lost) stops the others
+    c.shutdown_timeout_s = 60         # at exit, how long a process waits for the others to finish
 
     # --- objective (spec 5; flow matching, velocity target)
-    c.objective = ml_collections.ConfigDict()
-    c.objective.sigma_source = "device"   # "device": sample here; "pipeline": the batch's "sigma"
+    c.objective = ml_collections.ConfigDict()  # sigma per image: objective.sample_sigmas (the only sampler)
     c.objective.sigma_loc = (1.0, 1.3)    # logit-normal location at sigma_tokens[0] / [1] image tokens
     c.objective.sigma_tokens = (256, 4096)
     c.objective.sigma_scale = 1.0         # logit-normal std [UNCONFIRMED upstream]
@@ -114,7 +116,6 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.logging.tensorboard = True
     c.logging.progress = True          # tqdm progress bar
     c.logging.peak_flops_per_device = 0.0   # 0 = from the device table (docs/training.md)
-    c.logging.nan_check_every = 1      # host check of the loss for NaN/Inf
 
     c.samples = ml_collections.ConfigDict()
     c.samples.every = 0                # sample grid every M steps (0 = off)
@@ -126,7 +127,4 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.samples.guidance = 4.0
     c.samples.use_ema = True
     c.samples.seed = 0
-
-    c.debug = ml_collections.ConfigDict()
-    c.debug.nan_at_step = -1           # test hook: make the loss of this step NaN
     return c

@@ -38,17 +38,16 @@ def heldout_batches(config: ml_collections.ConfigDict, path: str, num_batches: i
 def heldout_losses(trainer, params, batches: list[dict], sigmas, seed: int = 0) -> dict[float, float]:
     """``{sigma: mean per-image loss}`` (every image at that sigma; same noise for every call)."""
     from lens_jax.train import objective
-    from lens_jax.train.trainer import encode_inputs
+    from lens_jax.train.encoders import encode_inputs
 
     config = trainer.config
 
     @jax.jit
     def losses(params, batch, sigma, key):
-        batch = dict(batch)
-        batch["sigma"] = jnp.where(batch["segment_valid"], sigma, 0.0)
         latents, feats = encode_inputs(config, trainer.frozen, batch, trainer.preamble)
+        fixed = jnp.full(batch["segment_valid"].shape, sigma, jnp.float32)
         total, m = objective.packed_loss(trainer.apply_fn, params, batch, latents, feats, key,
-                                         sigma_source="pipeline")
+                                         sigma=fixed)
         return total, m["images"]
 
     out = {}

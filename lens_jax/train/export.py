@@ -17,7 +17,7 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lens-train export", description=__doc__,
+    p = argparse.ArgumentParser(prog="lens-train export", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="training run directory (holds config.json, checkpoints/)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step to export (default: the newest)")
@@ -90,10 +90,25 @@ def export(workdir: str | Path, out: str | Path, step: int = -1, ema: bool = Tru
 
 
 def main(argv: list[str] | None = None) -> int:
+    import contextlib
+
+    from lens_jax import output_guard
+    from lens_jax.convert.transformer import DIFFUSERS_PATTERNS
+    from lens_jax.train import workdir_lock
+
     args = build_parser().parse_args(argv)
     try:
-        export(args.workdir, args.out, args.step, args.ema, args.dtype, args.overwrite)
-    except (FileNotFoundError, ValueError) as e:
+        output_guard.check_output(args.out, {"--workdir checkpoints":
+                                             Path(args.workdir) / "checkpoints",
+                                             "--workdir config": Path(args.workdir) / "config.json"})
+        if args.overwrite:
+            output_guard.check_replaceable(args.out, DIFFUSERS_PATTERNS, "lens-train export")
+        # Writing into the run directory takes its lock: refused while lens-train runs there.
+        inside = output_guard.is_within(args.out, args.workdir)
+        with (workdir_lock.acquire(args.workdir, "lens-train export") if inside
+              else contextlib.nullcontext()):
+            export(args.workdir, args.out, args.step, args.ema, args.dtype, args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, workdir_lock.WorkdirLocked) as e:
         print(f"lens-train export: {e}", file=sys.stderr)
         return 2
     return 0

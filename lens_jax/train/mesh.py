@@ -43,7 +43,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> bool:
         kwargs["num_processes"] = int(config.num_processes)
     if config.process_id >= 0:
         kwargs["process_id"] = int(config.process_id)
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(heartbeat_timeout_seconds=int(config.heartbeat_timeout_s),
+                               shutdown_timeout_seconds=int(config.shutdown_timeout_s), **kwargs)
     log.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
     return True
 

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from lens_jax.models import config as config_lib
+from lens_jax.train import hosts, rundir
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,36 @@ class StepFlops:
         return float(override) if override and override > 0 else device_peak_flops()
 
 
+def data_metrics_over_hosts(scalars: dict[str, float]) -> dict[str, float]:
+    """The input pipeline's metrics (``LensDataIterator.metrics()``) of every host combined:
+    counts (skips, segments, batches) summed; packing efficiencies averaged weighted by each host's
+    batches (every host's batch has the same token budget). Every process calls it (a collective)."""
+    names = sorted(scalars)
+    table = hosts.gather(np.asarray([scalars[n] for n in names], np.float64))  # [P, metrics]
+    batches = table[:, names.index("data/batches")] if "data/batches" in names else None
+    out = {}
+    for i, name in enumerate(names):
+        column = table[:, i]
+        if name.startswith("data/packing_efficiency/") and batches is not None:
+            out[name] = float((column * batches).sum() / max(batches.sum(), 1.0))
+        else:
+            out[name] = float(column.sum())
+    return out
+
+
 class MetricWriter:
     """Scalars to ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard; images too."""
 
     def __init__(self, workdir: str | os.PathLike, cfg: ml_collections.ConfigDict, enabled: bool = True):
         self.enabled = enabled
         self.workdir = Path(workdir)
-        self.jsonl = open(self.workdir / "metrics.jsonl", "a") if enabled else None
+        self.jsonl = open(rundir.metrics_path(self.workdir), "a") if enabled else None
         self.tb = None
         if enabled and cfg.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+                self.tb = SummaryWriter(str(rundir.tensorboard_dir(self.workdir)))
             except ImportError:
                 log.warning("tensorboardX is not installed: no TensorBoard event files "
                             "(pip install tensorboardX)")

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lens_jax.train import objective
+from lens_jax.train import encoders, stand_ins
 
 
 def prompt_features(config: ml_collections.ConfigDict, frozen: dict, prompts) -> tuple[list[jax.Array], jax.Array]:
@@ -34,13 +34,11 @@ def prompt_features(config: ml_collections.ConfigDict, frozen: dict, prompts) ->
         tables = frozen["text_tables"]
         text = ids[:, pre:]
         mask = valid[:, pre:]
-        feats = [jnp.where(jnp.asarray(mask)[..., None], tables[i][jnp.clip(jnp.asarray(text), 0, tables.shape[1] - 1)], 0.0)
-                 for i in range(tables.shape[0])]
+        feats = stand_ins.embedding_features(tables, jnp.asarray(text), jnp.asarray(mask))
     else:
         from lens_jax.models.text_encoder import encode
-        from lens_jax.train.trainer import _text_encoder
 
-        enc = _text_encoder(config)
+        enc = encoders.text_encoder(config)
         out = encode(frozen["text_params"], jnp.asarray(ids), jnp.asarray(valid), config=enc.config,
                      selected=enc.selected, moe_impl=enc.moe_impl)
         mask = valid[:, pre:]
@@ -59,7 +57,7 @@ def decode_latents(config: ml_collections.ConfigDict, frozen: dict, latents: jax
     h, w = latent_hw
     if config.image_encoder.kind != "dct":
         raise NotImplementedError("sample decoding with the VAE: use lens-sample on exported weights")
-    patches = np.asarray(objective.latents_to_patches(latents, frozen["dct"], float(config.image_encoder.scale)))
+    patches = np.asarray(stand_ins.latents_to_patches(latents, frozen["dct"], float(config.image_encoder.scale)))
     images = [unpatchify_image(p, h, w) for p in patches]
     return np.stack([np.clip((np.asarray(im, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
                      for im in images])

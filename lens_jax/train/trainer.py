@@ -1,24 +1,17 @@
-"""The training loop: sharded state, jitted step, checkpoints, metrics, preemption, NaN guard.
+"""The training step of one configuration: sharded state, its init, and the jitted step.
 
 State (a plain pytree, checkpointed as one orbax item): ``step`` (int32, optimizer steps done),
 ``params`` (float32 master weights, nested dict as ``nnx.to_pure_dict``), ``opt_state`` (optax),
 ``ema`` (float32), ``rng`` (uint32[2] base key; the key of step t is ``fold_in(rng, t)``, so the
 randomness of a step does not depend on how the run got there). The data iterator's state is saved
 beside it (grain), so a resumed run sees the same batches and the same noise as an uninterrupted one.
+The loop that drives the step is ``lens_jax.train.loop``.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import math
-import os
-import signal
-import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,141 +24,12 @@ from jax.sharding import Mesh
 from lens_jax.models.transformer import LensTransformer, abstract_model
 from lens_jax.sharding import use_rules
 from lens_jax.train import mesh as mesh_lib
-from lens_jax.train import objective, optim
+from lens_jax.train import encoders, objective, optim
 
 log = logging.getLogger(__name__)
 
 
 EAGER_INIT_MAX_PARAMS = 50_000_000  # larger models are initialised by a jitted, sharded init
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; training stopped without saving."""
-
-
-# ----------------------------------------------------------------------------- frozen encoders
-
-def text_preamble(config: ml_collections.ConfigDict) -> int:
-    """Leading caption ids the denoiser does not see (from the data tokenizer)."""
-    from lens_jax.data.tokenize import load_caption_tokenizer
-
-    return int(load_caption_tokenizer(config.data.tokenizer, config.data.template_date,
-                                      config.data.caption_length).preamble_length)
-
-
-def build_frozen(config: ml_collections.ConfigDict) -> dict:
-    """Arrays of the frozen encoders used inside the step (replicated)."""
-    frozen: dict[str, Any] = {"nan_at_step": jnp.asarray(int(config.debug.nan_at_step), jnp.int32)}
-    ie, te, m = config.image_encoder, config.text_encoder, config.model
-    if ie.kind == "dct":
-        frozen["dct"] = jnp.asarray(objective.dct_basis(m.in_channels))
-    elif ie.kind != "vae":
-        raise ValueError(f"config.image_encoder.kind={ie.kind!r}: expected dct|vae")
-    if te.kind == "embedding":
-        key = jax.random.PRNGKey(int(te.seed))
-        shape = (len(m.selected_layer_index), int(te.vocab_size), int(m.enc_hidden_dim))
-        frozen["text_tables"] = float(te.std) * jax.random.normal(key, shape, jnp.float32)
-    elif te.kind == "gpt_oss":
-        frozen["text_params"] = _text_encoder(config).params()
-    else:
-        raise ValueError(f"config.text_encoder.kind={te.kind!r}: expected embedding|gpt_oss")
-    return frozen
-
-
-@functools.lru_cache(maxsize=4)
-def _load_text_encoder(path: str, layers: tuple, hidden: int, seed: int):
-    from lens_jax.models.text_encoder import GptOssConfig, TextEncoder
-
-    if path == "random":  # tiny random GPT-OSS (tests / demos)
-        n = max(layers) + 1
-        cfg = GptOssConfig(vocab_size=512, hidden_size=hidden, num_hidden_layers=n, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=8, intermediate_size=hidden,
-                           num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
-                           layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention"
-                                             for i in range(n)))
-        return TextEncoder.random(cfg, layers=layers, seed=seed)
-    from lens_jax.convert.text_encoder import load_text_encoder
-
-    return load_text_encoder(path, layers=layers)
-
-
-def _text_encoder(config):
-    te, m = config.text_encoder, config.model
-    if not te.path:
-        raise ValueError("config.text_encoder.kind='gpt_oss' needs config.text_encoder.path "
-                         "(a GPT-OSS folder, or 'random')")
-    return _load_text_encoder(te.path, tuple(m.selected_layer_index), int(m.enc_hidden_dim), int(te.seed))
-
-
-def encode_inputs(config: ml_collections.ConfigDict, frozen: dict, batch: dict, preamble: int
-                  ) -> tuple[jax.Array, list[jax.Array]]:
-    """Latent tokens ``[B, N_img, 128]`` and packed text features of a batch (inside jit)."""
-    ie, te = config.image_encoder, config.text_encoder
-    if ie.kind == "dct":
-        latents = objective.patches_to_latents(batch["image_patches"], frozen["dct"], float(ie.scale))
-    else:
-        latents = batch["latents"]
-    if te.kind == "embedding":
-        ids = objective.denoiser_text_ids(batch["caption_ids"], batch["text_index"], preamble)
-        feats = objective.embedding_features(frozen["text_tables"], ids, batch["text_segment_ids"])
-    else:
-        from lens_jax.models.text_encoder import encode
-
-        enc = _text_encoder(config)
-        b, k, length = batch["caption_ids"].shape
-        out = encode(frozen["text_params"], batch["caption_ids"].reshape(b * k, length),
-                     batch["caption_mask"].reshape(b * k, length), config=enc.config,
-                     selected=enc.selected, moe_impl=enc.moe_impl)
-        out = [jax.lax.stop_gradient(o.astype(jnp.float32)) for o in out]
-        feats = objective.gather_text_features(out, batch["text_index"], batch["text_segment_ids"],
-                                               preamble, k)
-    return latents, feats
-
-
-class VAEBatchEncoder:
-    """Host side: reassembles every image of a packed host batch, VAE-encodes images of the same
-    size together (one jitted program per bucket shape) and puts the normalized 128-channel tokens
-    back at the image's token slots: adds ``latents [B, N_img, 128]``, drops ``image_patches``.
-
-    ``config.image_encoder.path``: a diffusers VAE folder (``load_vae``) or ``"random"`` (a tiny
-    random VAE, for tests). Runs on this host's default device."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        path = config.image_encoder.path
-        if not path:
-            raise ValueError("config.image_encoder.kind='vae' needs config.image_encoder.path "
-                             "(a VAE folder, or 'random')")
-        if path == "random":
-            from lens_jax.convert.vae import random_vae
-            from lens_jax.models.vae import VAEConfig
-
-            self.vae = random_vae(VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
-                                            layers_per_block=1), seed=int(config.seed))
-        else:
-            from lens_jax.convert.vae import load_vae
-
-            self.vae = load_vae(path)
-        self.channels = int(config.model.in_channels)
-
-    def __call__(self, batch: dict) -> dict:
-        from lens_jax.data.buckets import unpatchify_image
-
-        patches = np.asarray(batch["image_patches"])
-        valid, hw, offset = (np.asarray(batch[k]) for k in ("segment_valid", "latent_hw", "token_offset"))
-        b, n = patches.shape[:2]
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for r, s in zip(*np.nonzero(valid)):
-            groups.setdefault((int(hw[r, s, 0]), int(hw[r, s, 1])), []).append((int(r), int(s)))
-        latents = np.zeros((b, n, self.channels), np.float32)
-        for (h, w), slots in sorted(groups.items()):
-            images = np.stack([unpatchify_image(patches[r, offset[r, s]:offset[r, s] + h * w], h, w)
-                               for r, s in slots]).astype(np.float32)
-            tokens = np.asarray(self.vae.image_to_latents(images), np.float32)  # [n, h*w, 128]
-            for (r, s), t in zip(slots, tokens):
-                latents[r, offset[r, s]:offset[r, s] + h * w] = t
-        out = {k: v for k, v in batch.items() if k != "image_patches"}
-        out["latents"] = latents
-        return out
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -189,8 +53,10 @@ class Trainer:
         self.use_ema = float(config.ema.decay) > 0
         self.replicated = mesh_lib.replicated(self.mesh)
         self.batch_sharding = mesh_lib.data_sharding(self.mesh)
-        self.preamble = text_preamble(config) if with_encoders else 0
-        self.frozen = jax.device_put(build_frozen(config), self.replicated) if with_encoders else {}
+        self.preamble = encoders.text_preamble(config) if with_encoders else 0
+        frozen = encoders.build_frozen(config) if with_encoders else {}
+        self.frozen_shardings = encoders.frozen_shardings(config, frozen, self.mesh, self.rules)
+        self.frozen = jax.device_put(frozen, self.frozen_shardings)
         self.state_shardings = self._state_shardings()
         self._step_fn = None
 
@@ -281,12 +147,11 @@ class Trainer:
 
         def micro(mb, k):
             def loss_of(p):
-                latents, feats = encode_inputs(c, frozen, mb, self.preamble)
+                latents, feats = encoders.encode_inputs(c, frozen, mb, self.preamble)
                 return objective.packed_loss(
                     self.apply_fn, p, mb, jax.lax.stop_gradient(latents), feats, k,
                     sigma_loc=tuple(o.sigma_loc), sigma_tokens=tuple(o.sigma_tokens),
-                    sigma_scale=float(o.sigma_scale), sigma_source=o.sigma_source,
-                    sigma_buckets=tuple(o.sigma_buckets))
+                    sigma_scale=float(o.sigma_scale), sigma_buckets=tuple(o.sigma_buckets))
             (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
             n_txt = mb["text_length"].astype(jnp.float32)
             n_img = mb["num_image_tokens"].astype(jnp.float32)
@@ -315,10 +180,6 @@ class Trainer:
         images = jnp.maximum(metrics["images"], 1.0)
         grads = jax.tree.map(lambda g: g / images, grads)
         loss = metrics["loss_sum"] / images
-        if "nan_at_step" in frozen:  # test hook (a run-time value: the same compiled step for any step)
-            bad = state["step"] + 1 == frozen["nan_at_step"]
-            loss = jnp.where(bad, jnp.nan, loss)
-            grads = jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -344,7 +205,7 @@ class Trainer:
                 with use_rules(self.mesh, self.rules):
                     return self.train_step(state, batch, frozen)
 
-            frozen_sh = jax.tree.map(lambda _: self.replicated, self.frozen)
+            frozen_sh = self.frozen_shardings
             self._step_fn = jax.jit(
                 step, in_shardings=(self.state_shardings, self.batch_shardings(batch_example), frozen_sh),
                 out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
@@ -359,172 +220,8 @@ class Trainer:
                 for k, v in host_batch.items()}
 
 
-# ----------------------------------------------------------------------------- the loop
+def train(config: ml_collections.ConfigDict, workdir) -> dict:
+    """``lens_jax.train.loop.train`` (kept here for callers of the old name)."""
+    from lens_jax.train.loop import train as run
 
-class _Preemption:
-    """SIGTERM -> flag (the loop saves at the current step and exits cleanly)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _data_config(config, mesh):
-    data = ml_collections.ConfigDict(config.data.to_dict())
-    data.data_axes = mesh_lib.batch_axes(mesh)
-    return data
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops metrics lines of steps after ``last_step`` (logged before a crash, about to be redone)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (ValueError, KeyError):
-            continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
-
-
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Runs (or resumes) training in ``workdir`` until ``config.num_steps``; returns the final state."""
-    from lens_jax.data.pipeline import make_pipeline
-    from lens_jax.train.checkpoint import Checkpointer
-    from lens_jax.train.metrics import MetricWriter, StepFlops
-
-    mesh_lib.maybe_initialize_distributed(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    primary = jax.process_index() == 0
-    mesh = mesh_lib.make_mesh(config.mesh)
-    trainer = Trainer(config, mesh)
-    if primary:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    log.info("mesh %s; %d devices; process %d/%d", dict(mesh.shape), mesh.size, jax.process_index(),
-             jax.process_count())
-
-    # Per-host numpy batches; frozen host-side encoders (the VAE) run here, then global arrays.
-    if not config.data.path:
-        raise ValueError("config.data.path is empty: give the training records with "
-                         "--config.data.path=DIR (e.g. the output of lens-data synth-shapes)")
-    data_iter = make_pipeline(_data_config(config, mesh), mesh=None)
-    vae_encoder = VAEBatchEncoder(config) if config.image_encoder.kind == "vae" else None
-    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint)
-    restored = ckpt.restore(trainer.abstract_state(), data_iter if config.checkpoint.save_data_state else None)
-    if restored is None:
-        state = trainer.init_state()
-        start = 0
-        log.info("fresh start (%s)", f"weights from {config.init_from}" if config.init_from else "random init")
-    else:
-        state, start = restored
-        log.info("resumed from step %d", start)
-    metrics_path = workdir / "metrics.jsonl"
-    if primary:
-        _truncate_metrics(metrics_path, start)
-    writer = MetricWriter(workdir, config.logging, enabled=primary)
-    flops = StepFlops(config.model)
-    peak = flops.peak_per_device(config.logging.peak_flops_per_device)
-    num_steps = int(config.num_steps)
-    log_every = max(int(config.logging.every), 1)
-    nan_every = max(int(config.logging.nan_check_every), 1)
-    progress = None
-    if primary and config.logging.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-    sampler = None
-    if config.samples.every > 0:
-        from lens_jax.train.samples import SampleGrid
-
-        sampler = SampleGrid(config, trainer)
-
-    # Throughput figures: wall time per step averaged since the last log (data loading included),
-    # images/tokens/FLOPs of the logged step.
-    window = {"time": time.perf_counter(), "steps": 0}
-    step = start
-    try:
-        with _Preemption() as preempt:
-            while step < num_steps:
-                try:
-                    batch = next(data_iter)
-                except StopIteration:
-                    log.warning("the data ran out at step %d (config.data.num_epochs)", step)
-                    if step > start and ckpt.latest_step() != step:
-                        ckpt.save(step, state, data_iter)
-                    break
-                if vae_encoder is not None:
-                    batch = vae_encoder(batch)
-                state, m = trainer.step(state, trainer.put_batch(batch))
-                step += 1
-                window["steps"] += 1
-                if (step % nan_every == 0 or step % log_every == 0 or step == num_steps
-                        or step % int(config.checkpoint.every) == 0 or preempt.requested):
-                    loss = float(m["loss"])
-                    if not math.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"loss is {loss} at step {step}: stopping; the last good checkpoint "
-                            f"(step {ckpt.latest_step()}) is left in place")
-                if step % log_every == 0 or step == num_steps or preempt.requested:
-                    host = jax.device_get(m)
-                    now = time.perf_counter()
-                    elapsed = now - window["time"]
-                    n = window["steps"]
-                    step_flops = flops.train_flops(host["image_tokens"], host["text_tokens"],
-                                                   host["images"], host["attention_pairs"])
-                    scalars = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"]),
-                               "lr": float(host["lr"]), "step_time_s": elapsed / n,
-                               "images_per_s": float(host["images"]) / (elapsed / n),
-                               "tokens_per_s": float(host["image_tokens"] + host["text_tokens"]) / (elapsed / n),
-                               "tflops_per_device": step_flops / (elapsed / n) / mesh.size / 1e12}
-                    if peak:
-                        scalars["mfu"] = step_flops / (elapsed / n) / mesh.size / peak
-                    edges = (0.0,) + tuple(config.objective.sigma_buckets) + (1.0,)
-                    for i in range(len(edges) - 1):
-                        if host["bucket_images"][i] > 0:
-                            scalars[f"loss_sigma/{edges[i]:.2f}-{edges[i + 1]:.2f}"] = float(host["bucket_loss"][i])
-                    scalars.update(data_iter.metrics())
-                    writer.write_scalars(step, scalars)
-                    window.update(time=time.perf_counter(), steps=0)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
-                                             refresh=False)
-                if progress is not None:
-                    progress.update(1)
-                if sampler is not None and step % int(config.samples.every) == 0:
-                    writer.write_image(step, "samples", sampler(state), workdir / "samples" / f"step_{step:08d}.png")
-                if preempt.requested:
-                    ckpt.save(step, state, data_iter, force=True)
-                    ckpt.wait()
-                    log.warning("saved step %d after SIGTERM; exiting", step)
-                    break
-                if step % int(config.checkpoint.every) == 0 or step == num_steps:
-                    ckpt.save(step, state, data_iter)
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        if progress is not None:
-            progress.close()
-        data_iter.close()
-    return state
+    return run(config, workdir)

@@ -163,3 +163,121 @@ def test_help(command, capsys):
         assert action.help, f"{command}: {action.option_strings or action.dest} has no help"
         for flag in action.option_strings:
             assert flag in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 19 point 5: bad records are skipped and counted, never fatal; point 2: outputs vs inputs.
+
+
+def test_undecodable_caption_files_are_skipped_and_named(image_folder, tmp_path, capsys):
+    root, _ = image_folder
+    (root / "c.webp.txt").write_bytes(b"caf\xe9 latin-1 caption")
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--out", out, "--workers", 1,
+                           "--no-progress")
+    assert code == 0 and "written: 2" in stdout
+    assert "caption not UTF-8: 1" in stdout and str(root / "c.webp.txt") in stdout
+    assert records.read_manifest(out)["build"]["skipped"]["caption not UTF-8"] == 1
+
+
+def test_undecodable_jsonl_line_is_skipped_and_named(image_folder, tmp_path, capsys):
+    root, _ = image_folder
+    jsonl = tmp_path / "caps.jsonl"
+    jsonl.write_bytes(b'{"path": "a.jpg", "caption": "fine"}\n'
+                      b'{"path": "c.webp", "caption": "caf\xe9"}\n')
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--captions", jsonl, "--out", out,
+                           "--workers", 1, "--no-progress")
+    assert code == 0 and "written: 1" in stdout
+    assert "caption not UTF-8: 1" in stdout and f"{jsonl}:2" in stdout
+
+
+def test_malformed_csv_rows_are_counted_not_merged(image_folder, tmp_path, capsys):
+    root, _ = image_folder
+    csv_path = tmp_path / "caps.csv"
+    csv_path.write_text('path,caption\n'
+                        'a.jpg,"an unterminated quote\n'
+                        'sub/b.png,a tall blue picture\n'
+                        'c.webp,a square,with,too many fields\n')
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--captions", csv_path, "--out", out,
+                           "--workers", 1, "--no-progress")
+    assert code == 0 and "written: 1" in stdout
+    assert "malformed captions row: 2" in stdout
+    assert f"{csv_path}:2" in stdout and f"{csv_path}:4" in stdout
+    [example] = records.read_examples(str(out))
+    assert (example.id, example.caption) == ("sub/b.png", "a tall blue picture")
+
+
+def test_build_and_pipeline_share_the_largest_image(image_folder, tmp_path, capsys, monkeypatch):
+    from lens_jax.data import build
+
+    root, _ = image_folder
+    assert records.MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS  # PIL's default bomb limit
+    # The build reads the one constant (lowered here so a test image is "too large").
+    monkeypatch.setattr(build, "MAX_IMAGE_PIXELS", 40 * 40)
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--out", out, "--workers", 1,
+                           "--no-progress")
+    assert code == 0 and "image too large: 2" in stdout  # a.jpg 64x48, sub/b.png 32x64
+    assert [e.id for e in records.read_examples(str(out))] == ["c.webp"]
+
+    # The training pipeline reads the same constant of lens_jax.data.records.
+    import numpy as np
+
+    from lens_jax.data.pipeline import make_pipeline
+    from tests.data.test_pipeline import ListSource, _example, _tiny_config
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(records, "MAX_IMAGE_PIXELS", 60 * 60)
+    raws = [records.encode_example(_example(rng, i, width=w, height=48))
+            for i, w in enumerate((48, 96, 48, 80))]
+    it = make_pipeline(_tiny_config(num_epochs=1), source=ListSource(raws))
+    try:
+        arrived = sorted(int(i) for b in it for i in b["example_index"].ravel() if i >= 0)
+    finally:
+        it.close()
+    assert arrived == [0, 2]
+    assert it.skip_counts()["too_large"] == 2
+
+
+def test_no_empty_shards(image_folder, tmp_path, capsys):
+    root, _ = image_folder
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--out", out, "--num-shards", 10,
+                           "--workers", 1, "--no-progress")
+    assert code == 0 and "(3 shard(s)" in stdout
+    shards = records.list_shards(str(out))
+    assert len(shards) == 3 and all(len(records.open_source([s])) == 1 for s in shards)
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "parent", "captions_inside"])
+def test_build_output_never_overlaps_inputs(image_folder, tmp_path, capsys, where):
+    root, _ = image_folder
+    captions = root / "caps.jsonl"
+    captions.write_text(json.dumps({"path": "a.jpg", "caption": "x"}) + "\n")
+    out = {"inside": root / "records", "same": root, "parent": tmp_path,
+           "captions_inside": tmp_path / "o"}[where]
+    if where == "captions_inside":
+        out.mkdir()
+        captions = out / "caps.jsonl"
+        captions.write_text(json.dumps({"path": "a.jpg", "caption": "x"}) + "\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, _, stderr = _run(capsys, "build", "--images", root, "--captions", captions, "--out", out,
+                           "--overwrite", "--workers", 1, "--no-progress")
+    assert code == 2 and "the input --" in stderr, stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_replaces_only_records(image_folder, tmp_path, capsys):
+    root, _ = image_folder
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.md").write_text("keep")
+    code, _, stderr = _run(capsys, "build", "--images", root, "--out", out, "--overwrite",
+                           "--workers", 1, "--no-progress")
+    assert code == 2 and "notes.md" in stderr and (out / "notes.md").exists()
+    (out / "notes.md").unlink()
+    for _ in range(2):  # a folder of records may be replaced
+        assert _run(capsys, "build", "--images", root, "--out", out, "--overwrite", "--workers",
+                    1, "--no-progress")[0] == 0

@@ -132,10 +132,15 @@ def test_write_list_open(tmp_path):
     assert [e.id for e in records.read_examples(shards, limit=2)] == ["id-0", "id-3"]
 
 
-def test_more_shards_than_examples(tmp_path):
+def test_more_shards_than_examples_writes_no_empty_shard(tmp_path):
     shards = records.write_shards(_examples(2), tmp_path / "r", num_shards=4)
-    assert len(shards) == 4
-    assert len(records.open_source(shards)) == 2
+    assert [os.path.basename(s) for s in shards] == ["data.array_record-00000-of-00002",
+                                                     "data.array_record-00001-of-00002"]
+    assert sorted(os.listdir(tmp_path / "r")) == sorted([os.path.basename(s) for s in shards]
+                                                        + [records.MANIFEST_NAME])
+    assert [len(records.open_source([s])) for s in shards] == [1, 1]
+    manifest = records.read_manifest(tmp_path / "r")
+    assert manifest["num_examples"] == 2 and list(manifest["shards"].values()) == [1, 1]
 
 
 def test_list_shards_errors(tmp_path):
@@ -148,7 +153,7 @@ def test_list_shards_errors(tmp_path):
         records.list_shards(str(tmp_path / "*.array_record*"))
     with pytest.raises(RecordError, match="no record path"):
         records.list_shards(" , ")
-    records.write_shards(_examples(1), tmp_path / "bad", num_shards=2)
+    records.write_shards(_examples(2), tmp_path / "bad", num_shards=2)
     broken = tmp_path / "bad" / "data.array_record-00001-of-00002"
     broken.write_bytes(b"not an array record file")
     with pytest.raises(RecordError, match="data.array_record-00001-of-00002: not a readable"):

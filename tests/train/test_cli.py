@@ -1,6 +1,6 @@
 """End to end through ``python -m lens_jax.train.cli`` with the tiny config, in subprocesses:
-bitwise resume after SIGKILL, clean exit on SIGTERM, NaN stop, fallback from an unreadable
-checkpoint. A persistent compilation cache shares the step's compilation between the runs."""
+bitwise resume after SIGKILL, clean exit on SIGTERM, fallback from an unreadable checkpoint, a
+changed config refused without touching the run; the NaN stop in process. A persistent compilation cache shares the step's compilation between the runs."""
 
 import json
 import signal
@@ -114,14 +114,29 @@ def test_sigterm_saves_current_step_and_exits(tmp_path, shapes_path, env):
     assert grid.size[1] == 32 and grid.size[0] >= 4 * 48
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_path, env):
-    workdir = tmp_path / "nan"
-    proc = _run(workdir, env, f"--config.data.path={shapes_path}", f"--config.num_steps={STEPS}",
-                "--config.debug.nan_at_step=6", check=False)
-    assert proc.returncode == 3, proc.stderr[-4000:]
-    assert "loss is nan at step 6" in proc.stderr
-    assert _steps(workdir) == [4]
-    assert max(_losses(workdir)) == 5
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_path, monkeypatch):
+    """In process, with a step whose loss is NaN from step 6 on (monkeypatched: the production
+    step has no test hook): the loop stops at step 6, keeps the checkpoint of step 4, logs 1..5."""
+    import jax.numpy as jnp
+
+    from lens_jax.train import loop
+    from lens_jax.train.trainer import Trainer
+    from tests.train.helpers import tiny_config
+
+    real_step = Trainer.train_step
+
+    def poisoned(self, state, batch, frozen):
+        new_state, out = real_step(self, state, batch, frozen)
+        return new_state, dict(out, loss=jnp.where(state["step"] + 1 >= 6, jnp.nan, out["loss"]))
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    config = tiny_config(shapes_path)
+    config.num_steps, config.logging.every = STEPS, 1
+    config.checkpoint.every, config.checkpoint.max_to_keep = 4, 3
+    with pytest.raises(loop.NonFiniteLossError, match="loss is nan at step 6"):
+        loop.train(config, tmp_path / "nan")
+    assert _steps(tmp_path / "nan") == [4]
+    assert max(_losses(tmp_path / "nan")) == 5
 
 
 def test_unreadable_newest_checkpoint_falls_back(tmp_path, shapes_path, env, uninterrupted):
@@ -131,15 +146,42 @@ def test_unreadable_newest_checkpoint_falls_back(tmp_path, shapes_path, env, uni
     workdir = tmp_path / "corrupt"
     shutil.copytree(source, workdir)
     for f in (workdir / "checkpoints" / "12" / "state").rglob("*"):
-        if f.is_file():
+        if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"garbage")
     proc = _run(workdir, env, f"--config.data.path={shapes_path}", f"--config.num_steps={STEPS}")
-    assert "checkpoint at step 12 is unreadable" in proc.stdout + proc.stderr
+    assert "checkpoint at step 12 is skipped (" in proc.stdout, proc.stdout
+    assert "restarting from step 8" in proc.stdout
     assert _steps(workdir) == [4, 8, 12]
     got = _losses(workdir)
     for step in range(1, STEPS + 1):
         assert got[step] == expected[step], step
-    assert any((workdir / "checkpoints_unreadable").iterdir())
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints_skipped").iterdir()] == ["12"]
+
+
+def _snapshot(workdir: Path) -> dict:
+    """Every file of a run directory with its size and modification time."""
+    return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in workdir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("change, named", [("--config.ema.decay=0.0", "ema.decay: 0.99 -> 0.0"),
+                                           ("--config.model.num_layers=3", "model.num_layers: 2 -> 3")])
+def test_resume_with_changed_config_stops_and_changes_nothing(tmp_path, shapes_path, env,
+                                                              uninterrupted, change, named):
+    """Issue 19: a resume whose config no longer fits the checkpoints stops with the difference and
+    the way on; checkpoints, metrics.jsonl and config.json are left exactly as they were."""
+    import shutil
+
+    source, _ = uninterrupted
+    workdir = tmp_path / "changed"
+    shutil.copytree(source, workdir)
+    before = _snapshot(workdir)
+    proc = _run(workdir, env, f"--config.data.path={shapes_path}", f"--config.num_steps={STEPS + 4}",
+                change, check=False)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "does not match this run's config" in proc.stderr
+    assert named in proc.stderr and f"--config.init_from=run:{workdir}" in proc.stderr
+    assert _snapshot(workdir) == before
 
 
 def test_console_script_help_lists_the_flags():

@@ -10,7 +10,7 @@ from tests.train.helpers import host_batch, tiny_config
 
 def test_vae_batch_encoder_places_each_image(shapes_path):
     from lens_jax.data.packing import extract_images
-    from lens_jax.train.trainer import VAEBatchEncoder
+    from lens_jax.train.encoders import VAEBatchEncoder
 
     config = tiny_config(shapes_path, in_channels=128, out_channels=32)  # the VAE's 128 channels
     config.image_encoder.kind = "vae"
@@ -36,7 +36,8 @@ def test_gpt_oss_features_are_gathered_per_segment(shapes_path):
     import jax
     import jax.numpy as jnp
 
-    from lens_jax.train.trainer import Trainer, _text_encoder, encode_inputs
+    from lens_jax.train.encoders import encode_inputs, text_encoder
+    from lens_jax.train.trainer import Trainer
 
     config = tiny_config(shapes_path)
     config.text_encoder.kind = "gpt_oss"
@@ -46,7 +47,7 @@ def test_gpt_oss_features_are_gathered_per_segment(shapes_path):
     batch = host_batch(config)[0]
     trainer = Trainer(config)
     _, feats = jax.jit(lambda b: encode_inputs(config, trainer.frozen, b, 0))(batch)
-    encoder = _text_encoder(config)
+    encoder = text_encoder(config)
     checked = 0
     for r in range(2):
         for s in np.nonzero(batch["segment_valid"][r])[0]:

@@ -1,0 +1,79 @@
+"""The loop's cost over the step: ``lens-train``'s loop against the compiled step alone, same shapes.
+
+    .venv/bin/python benchmarks/train_loop.py --data DIR [--config tiny|demo] [--steps 60]
+
+``DIR``: synthetic-shapes records (``lens-data synth-shapes --base-size 64`` for tiny, ``--base-size
+96 --groups 512`` for demo). In one process:
+1. the loop: ``lens_jax.train.loop.train`` for ``--steps`` steps (data pipeline, batch feed,
+   non-finite checks, metrics every ``logging.every`` steps, no checkpoint until the end);
+   its time per step is the mean ``step_time_s`` of metrics.jsonl after the first log row
+   (which holds the compilation);
+2. the step alone: the same jitted step (already compiled) on ``--steps`` batches of the same
+   pipeline placed on the devices beforehand, dispatched back to back, one wait at the end.
+Prints both and the ratio loop / step (goal: at most 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--config", default="tiny", choices=("tiny", "demo"))
+    p.add_argument("--steps", type=int, default=60)
+    args = p.parse_args()
+
+    from lens_jax.data.pipeline import make_pipeline
+    from lens_jax.train import loop
+    from lens_jax.train.trainer import Trainer
+
+    config = importlib.import_module(f"configs.{args.config}").get_config()
+    config.data.path = args.data
+    tmp = tempfile.mkdtemp()
+    if config.data.tokenizer == "words":  # the demo's word tokenizer (lens_jax.demo writes it)
+        from lens_jax.demo import write_word_tokenizer
+
+        config.data.tokenizer = f"json:{write_word_tokenizer(Path(tmp) / 'word_tokenizer.json')}"
+    config.num_steps = args.steps
+    config.logging.progress = False
+    config.logging.tensorboard = False
+    config.checkpoint.every = 10 ** 9     # one save, at the end
+    config.samples.every = 0
+    with tempfile.TemporaryDirectory() as workdir:
+        loop.train(config, workdir)
+        rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in rows[1:]]
+    loop_s = sum(times) / len(times)
+
+    trainer = Trainer(config)
+    state = trainer.init_state()
+    it = make_pipeline(loop._data_config(config, trainer.mesh), mesh=None)
+    batches = [trainer.put_batch(next(it)) for _ in range(args.steps)]
+    it.close()
+    state, m = trainer.step(state, batches[0])  # compile
+    jax.block_until_ready(m)
+    start = time.perf_counter()
+    for b in batches:
+        state, m = trainer.step(state, b)
+    jax.block_until_ready((state, m))
+    step_s = (time.perf_counter() - start) / len(batches)
+    print(f"{args.config}: loop {loop_s * 1e3:.1f} ms/step, step alone {step_s * 1e3:.1f} ms/step, "
+          f"loop / step {loop_s / step_s:.3f} ({jax.devices()[0].device_kind}, "
+          f"{len(trainer.mesh.devices.flat)} device(s), logging.every={config.logging.every})")
+
+
+if __name__ == "__main__":
+    main()

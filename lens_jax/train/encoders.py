@@ -1,0 +1,157 @@
+"""The frozen encoders of a training run: the arrays they need inside the jitted step
+(``build_frozen``), the encoding of a batch inside the step (``encode_inputs``: the DCT / embedding
+stand-ins of ``lens_jax.train.stand_ins``, or GPT-OSS), and the host-side VAE (``VAEBatchEncoder``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lens_jax.train import stand_ins
+
+
+def text_preamble(config: ml_collections.ConfigDict) -> int:
+    """Leading caption ids the denoiser does not see (from the data tokenizer)."""
+    from lens_jax.data.tokenize import load_caption_tokenizer
+
+    return int(load_caption_tokenizer(config.data.tokenizer, config.data.template_date,
+                                      config.data.caption_length).preamble_length)
+
+
+def build_frozen(config: ml_collections.ConfigDict) -> dict:
+    """Arrays of the frozen encoders used inside the step (placed by ``frozen_shardings``)."""
+    frozen: dict[str, Any] = {}
+    ie, te, m = config.image_encoder, config.text_encoder, config.model
+    if ie.kind == "dct":
+        frozen["dct"] = jnp.asarray(stand_ins.dct_basis(m.in_channels))
+    elif ie.kind != "vae":
+        raise ValueError(f"config.image_encoder.kind={ie.kind!r}: expected dct|vae")
+    if te.kind == "embedding":
+        key = jax.random.PRNGKey(int(te.seed))
+        shape = (len(m.selected_layer_index), int(te.vocab_size), int(m.enc_hidden_dim))
+        frozen["text_tables"] = float(te.std) * jax.random.normal(key, shape, jnp.float32)
+    elif te.kind == "gpt_oss":
+        frozen["text_params"] = text_encoder(config).params()
+    else:
+        raise ValueError(f"config.text_encoder.kind={te.kind!r}: expected embedding|gpt_oss")
+    return frozen
+
+
+def frozen_shardings(config: ml_collections.ConfigDict, frozen: dict, mesh, rules) -> dict:
+    """Where each frozen array lives: GPT-OSS's parameters sharded as
+    ``text_encoder_shardings`` says (experts over the ``experts`` rule's axes, so the 20B encoder
+    fits beside the denoiser), everything else (DCT basis, embedding tables) replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = jax.tree.map(lambda _: replicated, frozen)
+    if "text_params" in frozen:
+        from lens_jax.models.text_encoder import text_encoder_shardings
+
+        enc = text_encoder(config)
+        shardings["text_params"] = text_encoder_shardings(enc.config, max(enc.selected) + 1,
+                                                          enc.mxfp4, mesh, rules)
+    return shardings
+
+
+@functools.lru_cache(maxsize=4)
+def _load_text_encoder(path: str, layers: tuple, hidden: int, seed: int):
+    from lens_jax.models.text_encoder import GptOssConfig, TextEncoder
+
+    if path == "random":  # tiny random GPT-OSS (tests / demos)
+        n = max(layers) + 1
+        cfg = GptOssConfig(vocab_size=512, hidden_size=hidden, num_hidden_layers=n, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, intermediate_size=hidden,
+                           num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                           layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                                             for i in range(n)))
+        return TextEncoder.random(cfg, layers=layers, seed=seed)
+    from lens_jax.convert.text_encoder import load_text_encoder
+
+    return load_text_encoder(path, layers=layers)
+
+
+def text_encoder(config: ml_collections.ConfigDict):
+    """The run's GPT-OSS ``TextEncoder`` (``text_encoder.kind="gpt_oss"``), loaded once per process."""
+    te, m = config.text_encoder, config.model
+    if not te.path:
+        raise ValueError("config.text_encoder.kind='gpt_oss' needs config.text_encoder.path "
+                         "(a GPT-OSS folder, or 'random')")
+    return _load_text_encoder(te.path, tuple(m.selected_layer_index), int(m.enc_hidden_dim), int(te.seed))
+
+
+def encode_inputs(config: ml_collections.ConfigDict, frozen: dict, batch: dict, preamble: int
+                  ) -> tuple[jax.Array, list[jax.Array]]:
+    """Latent tokens ``[B, N_img, 128]`` and packed text features of a batch (inside jit)."""
+    ie, te = config.image_encoder, config.text_encoder
+    if ie.kind == "dct":
+        latents = stand_ins.patches_to_latents(batch["image_patches"], frozen["dct"], float(ie.scale))
+    else:
+        latents = batch["latents"]
+    if te.kind == "embedding":
+        ids = stand_ins.denoiser_text_ids(batch["caption_ids"], batch["text_index"], preamble)
+        feats = stand_ins.embedding_features(frozen["text_tables"], ids, batch["text_segment_ids"])
+    else:
+        from lens_jax.models.text_encoder import encode
+
+        enc = text_encoder(config)
+        b, k, length = batch["caption_ids"].shape
+        out = encode(frozen["text_params"], batch["caption_ids"].reshape(b * k, length),
+                     batch["caption_mask"].reshape(b * k, length), config=enc.config,
+                     selected=enc.selected, moe_impl=enc.moe_impl)
+        out = [jax.lax.stop_gradient(o.astype(jnp.float32)) for o in out]
+        feats = stand_ins.gather_text_features(out, batch["text_index"], batch["text_segment_ids"],
+                                               preamble, k)
+    return latents, feats
+
+
+class VAEBatchEncoder:
+    """Host side: reassembles every image of a packed host batch, VAE-encodes images of the same
+    size together (one jitted program per bucket shape) and puts the normalized 128-channel tokens
+    back at the image's token slots: adds ``latents [B, N_img, 128]``, drops ``image_patches``.
+
+    ``config.image_encoder.path``: a diffusers VAE folder (``load_vae``) or ``"random"`` (a tiny
+    random VAE, for tests). Runs on this host's default device."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        path = config.image_encoder.path
+        if not path:
+            raise ValueError("config.image_encoder.kind='vae' needs config.image_encoder.path "
+                             "(a VAE folder, or 'random')")
+        if path == "random":
+            from lens_jax.convert.vae import random_vae
+            from lens_jax.models.vae import VAEConfig
+
+            self.vae = random_vae(VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
+                                            layers_per_block=1), seed=int(config.seed))
+        else:
+            from lens_jax.convert.vae import load_vae
+
+            self.vae = load_vae(path)
+        self.channels = int(config.model.in_channels)
+
+    def __call__(self, batch: dict) -> dict:
+        from lens_jax.data.buckets import unpatchify_image
+
+        patches = np.asarray(batch["image_patches"])
+        valid, hw, offset = (np.asarray(batch[k]) for k in ("segment_valid", "latent_hw", "token_offset"))
+        b, n = patches.shape[:2]
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for r, s in zip(*np.nonzero(valid)):
+            groups.setdefault((int(hw[r, s, 0]), int(hw[r, s, 1])), []).append((int(r), int(s)))
+        latents = np.zeros((b, n, self.channels), np.float32)
+        for (h, w), slots in sorted(groups.items()):
+            images = np.stack([unpatchify_image(patches[r, offset[r, s]:offset[r, s] + h * w], h, w)
+                               for r, s in slots]).astype(np.float32)
+            tokens = np.asarray(self.vae.image_to_latents(images), np.float32)  # [n, h*w, 128]
+            for (r, s), t in zip(slots, tokens):
+                latents[r, offset[r, s]:offset[r, s] + h * w] = t
+        out = {k: v for k, v in batch.items() if k != "image_patches"}
+        out["latents"] = latents
+        return out
