@@ -190,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     print(train_compile.format_table(reports), flush=True)
     short = [r for r in reports if not r.fits]
     if short:
+        gib = train_compile.GiB
         for r in short:
-            print(f"lens-sample compile: {r.name} needs {r.total_bytes / train_compile.GiB:.2f} GiB "
-                  f"on the first chip, a {topo.generation} chip has {r.hbm_bytes / train_compile.GiB:.2f} "
-                  f"GiB ({-r.headroom_bytes / train_compile.GiB:.2f} GiB short); try a smaller "
-                  "--batch, a host with more HBM per chip, or (decode) tiled VAE decoding",
-                  file=sys.stderr)
+            why = ("its inputs and the other networks' weights alone overflow (not compiled): "
+                   "the pipeline keeps GPT-OSS-20B, the denoiser and the VAE on the first chip, "
+                   "so this host needs chips with more HBM (or the text encoder elsewhere)"
+                   if r.temp_bytes == 0 else
+                   "try a smaller --batch, or (decode) tiled VAE decoding")
+            print(f"lens-sample compile: {r.name} needs {r.total_bytes / gib:.2f} GiB on the first "
+                  f"chip, a {topo.generation} chip has {r.hbm_bytes / gib:.2f} GiB "
+                  f"({-r.headroom_bytes / gib:.2f} GiB short): {why}", file=sys.stderr)
         return train_compile.EXIT_DOES_NOT_FIT
     return 0
 
