@@ -99,10 +99,10 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
     def resident(name):  # the other networks' weights, also on the first chip
         return sum(v for k, v in weights.items() if k != name)
 
-    def run(name, lowered, args, analytic):
+    def run(name, lowered, args, analytic, chips=1):
         start = time.perf_counter()
         return train_compile.compile_or_report(name, lowered, args, topo, analytic, start,
-                                               resident(name.split("[")[0]))[1]
+                                               resident(name.split("[")[0]), chips)[1]
 
     def encode_fn(p, i, m):
         out = encode(p, i, m, config=enc.config, selected=enc.selected, moe_impl=enc.moe_impl)
@@ -115,7 +115,8 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
         use_cfg=guidance != 1.0, bf16_timesteps=False, num_train_timesteps=1000, mesh=mesh)
     reports.append(run(f"denoise[{batch}x{h * w}tok,{steps}steps]", lowered,
                        (state, noise, cond_feats, cond_mask), _denoise_flops(cfg, batch, h * w, length,
-                                                                            steps, guidance) / len(devices)))
+                                                                            steps, guidance) / len(devices),
+                       len(devices)))
     decode = jax.jit(lambda s, z: nnx.merge(vae_graphdef, s).decode(z))
     reports.append(run(f"decode[1x{height}x{width}]", decode.lower(vae_state, latents),
                        (vae_state, latents), 0.0))
@@ -189,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     print(train_compile.format_table(reports), flush=True)
     short = [r for r in reports if not r.fits]
     if short:
+        gib = train_compile.GiB
         for r in short:
-            print(f"lens-sample compile: {r.name} needs {r.total_bytes / train_compile.GiB:.2f} GiB "
-                  f"on the first chip, a {topo.generation} chip has {r.hbm_bytes / train_compile.GiB:.2f} "
-                  f"GiB ({-r.headroom_bytes / train_compile.GiB:.2f} GiB short); try a smaller "
-                  "--batch, a host with more HBM per chip, or (decode) tiled VAE decoding",
-                  file=sys.stderr)
+            why = ("its inputs and the other networks' weights alone overflow (not compiled): "
+                   "the pipeline keeps GPT-OSS-20B, the denoiser and the VAE on the first chip, "
+                   "so this host needs chips with more HBM (or the text encoder elsewhere)"
+                   if r.temp_bytes == 0 else
+                   "try a smaller --batch, or (decode) tiled VAE decoding")
+            print(f"lens-sample compile: {r.name} needs {r.total_bytes / gib:.2f} GiB on the first "
+                  f"chip, a {topo.generation} chip has {r.hbm_bytes / gib:.2f} GiB "
+                  f"({-r.headroom_bytes / gib:.2f} GiB short): {why}", file=sys.stderr)
         return train_compile.EXIT_DOES_NOT_FIT
     return 0
 

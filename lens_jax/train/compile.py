@@ -93,7 +93,8 @@ def per_chip_bytes(tree) -> int:
 
 
 def compile_or_report(name: str, lowered, abstract_args, topo: topologies.Topology,
-                      analytic_flops: float, start: float, resident_bytes: int = 0):
+                      analytic_flops: float, start: float, resident_bytes: int = 0,
+                      chips: int = 1):
     """``(compiled, report)``. ``compiled`` is None when the program cannot fit: its arguments
     (counted from their shardings) already exceed the chip's HBM (not compiled; temporaries 0), or
     XLA stops because the temporaries do (the report holds XLA's figure for them). No FLOPs then."""
@@ -114,27 +115,31 @@ def compile_or_report(name: str, lowered, abstract_args, topo: topologies.Topolo
                                    float("nan"), analytic_flops, time.perf_counter() - start,
                                    resident_bytes)
     return compiled, program_report(name, compiled, topo.hbm_bytes, analytic_flops,
-                                    time.perf_counter() - start, resident_bytes)
+                                    time.perf_counter() - start, resident_bytes,
+                                    lowered.compiler_ir("hlo").as_hlo_text(), chips)
 
 
 def program_report(name: str, compiled, hbm_bytes: int, analytic_flops: float, compile_s: float,
-                   resident_bytes: int = 0) -> ProgramReport:
+                   resident_bytes: int = 0, hlo_before: str = "", chips: int = 1) -> ProgramReport:
+    """Figures of a compiled program. XLA's FLOPs per chip are ``cost_analysis()`` plus the loop
+    iterations it leaves out: ``hlo_dot_flops`` of the program before partitioning (``hlo_before``,
+    where every loop bound is explicit), split evenly over its ``chips``."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     raw = float((cost or {}).get("flops", 0.0))
     text = compiled.as_text()
-    once, scaled = hlo_dot_flops(text)
+    once, scaled = hlo_dot_flops(hlo_before)
     return ProgramReport(
         name=name, argument_bytes=int(mem.argument_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
-        hbm_bytes=int(hbm_bytes), xla_flops=raw + (scaled - once), xla_flops_raw=raw,
+        hbm_bytes=int(hbm_bytes), xla_flops=raw + (scaled - once) / chips, xla_flops_raw=raw,
         analytic_flops=float(analytic_flops), compile_s=float(compile_s),
         resident_bytes=int(resident_bytes), mosaic_calls=text.count('"tpu_custom_call"'))
 
 
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)(?:\s+\(.*\)\s+->\s+.*)?\s*\{\s*$")
 _SHAPE = re.compile(r"[a-z][a-z0-9]*\[([0-9,]*)\]")
 _CALLEE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
@@ -180,8 +185,11 @@ def hlo_dot_flops(hlo_text: str) -> tuple[float, float]:
 
     ``once`` counts every computation once per call site, as ``cost_analysis()`` does; ``scaled``
     multiplies the body (and condition) of each ``while`` by its trip count: the
-    ``known_trip_count`` XLA records (CPU), else the one integer constant of the loop's condition
-    computation (TPU HLO; ``lax.scan``/``fori_loop`` count from 0 by 1 up to it). XLA's
+    ``known_trip_count`` XLA records, else the one integer constant of the loop's condition
+    computation (``lax.scan``/``fori_loop`` count from 0 by 1 up to it; explicit in the HLO that
+    JAX lowers, before XLA's passes move it). Use it on the HLO before partitioning
+    (``lowered.compiler_ir("hlo")``): the dots of XLA's TPU output are convolutions in layouts
+    this count does not follow. XLA's
     count with trip counts accounted is then ``cost_analysis()["flops"] + scaled - once``.
     """
     flops: dict[str, float] = {}
@@ -393,9 +401,15 @@ def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
     analytic = analytic_step_flops(config, rows) / chips
     with _abstract_text_encoder(enc):
         lowered = jitted.lower(state, batch, frozen)
+    if os.environ.get("LENS_COMPILE_DUMP_HLO"):  # diagnosis: the HLO before and after XLA
+        with open(os.environ["LENS_COMPILE_DUMP_HLO"] + ".before.txt", "w") as f:
+            f.write(lowered.compiler_ir("hlo").as_hlo_text())
     compiled, report = compile_or_report("train_step", lowered, (state, batch, frozen), topo,
-                                         analytic, start)
+                                         analytic, start, chips=chips)
     programs = [report]
+    if compiled is not None and os.environ.get("LENS_COMPILE_DUMP_HLO"):
+        with open(os.environ["LENS_COMPILE_DUMP_HLO"] + ".after.txt", "w") as f:
+            f.write(compiled.as_text())
     if config.image_encoder.kind == "vae":
         state_bytes = programs[0].argument_bytes
         programs.append(compile_vae_encode(config, devices[0], topo, resident_bytes=state_bytes))

@@ -23,13 +23,15 @@ def _cli(*args):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
-def test_one_host_cli_prints_figures_that_parse(tmp_path):
+def test_one_host_cli_prints_figures_that_parse_and_saves_the_step(tmp_path):
     from lens_jax.train.compile import parse_table
 
     report = tmp_path / "report.json"
     result = _cli("--config", "configs/tiny.py", "--topology", "v5p:2x2x1",
-                  "--config.model.attention=splash", "--report", str(report))
+                  "--config.model.attention=splash", "--report", str(report),
+                  "--save-executable", str(tmp_path / "step.bin"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "step.bin").stat().st_size > 0 and "saved the compiled step" in result.stdout
     rows = parse_table(result.stdout)
     assert [r["program"] for r in rows] == ["train_step"]
     row = rows[0]
