@@ -412,7 +412,8 @@ def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
             f.write(compiled.as_text())
     if config.image_encoder.kind == "vae":
         state_bytes = programs[0].argument_bytes
-        programs.append(compile_vae_encode(config, devices[0], topo, resident_bytes=state_bytes))
+        host = [d for d in devices if d.process_index == devices[0].process_index]
+        programs.append(compile_vae_encode(config, host, topo, resident_bytes=state_bytes))
     return CompileResult(topo, num_slices, dict(mesh.shape), rows, programs, compiled, text_bytes)
 
 
@@ -428,13 +429,15 @@ def vae_model(dtype: str = "bfloat16", random_small: bool = False):
                                                      param_dtype=dtype))
 
 
-def compile_vae_encode(config: ml_collections.ConfigDict, device, topo: topologies.Topology,
+def compile_vae_encode(config: ml_collections.ConfigDict, host_devices, topo: topologies.Topology,
                        resident_bytes: int = 0) -> ProgramReport:
-    """The trainer's host-side VAE encoder (``VAEBatchEncoder``): one host's images of the largest
-    bucket of the config in one call, on one chip (the training state stays resident there)."""
+    """The trainer's VAE encoder (``lens_jax.train.vae_encoding.VAEEncoder``): one host's images of
+    the largest bucket of the config in one call, padded to its group size and sharded over the
+    host's chips (the training state stays resident on each)."""
     from flax import nnx
 
     from lens_jax.data.buckets import make_buckets
+    from lens_jax.train.vae_encoding import group_size
 
     d = config.data
     buckets = make_buckets(tuple(d.base_sizes), float(d.bucket_scale))
@@ -442,12 +445,14 @@ def compile_vae_encode(config: ml_collections.ConfigDict, device, topo: topologi
         buckets = [b for b in buckets if b.ratio_index in {int(i) for i in d.aspect_ratios}]
     largest = max(buckets, key=lambda b: b.num_tokens)
     per_row = max(1, int(d.image_tokens) // largest.num_tokens)
-    images = int(d.rows_per_host) * min(per_row, int(d.max_segments))
+    images = group_size(int(d.rows_per_host) * min(per_row, int(d.max_segments)), len(host_devices))
     model = vae_model(random_small=config.image_encoder.path == "random")
     graphdef, state = nnx.split(model)
-    one = NamedSharding(Mesh(np.asarray([device]), ("chip",)), PartitionSpec())
-    state = jax.tree.map(lambda x: _sds(x.shape, x.dtype, one), state)
-    pixels = _sds((images, largest.height, largest.width, 3), jnp.float32, one)
+    mesh = Mesh(np.asarray(host_devices), ("images",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.tree.map(lambda x: _sds(x.shape, x.dtype, replicated), state)
+    pixels = _sds((images, largest.height, largest.width, 3), jnp.float32,
+                  NamedSharding(mesh, PartitionSpec("images")))
     fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_moments(x))
     start = time.perf_counter()
     return compile_or_report(f"vae_encode[{images}x{largest.height}x{largest.width}]",

@@ -43,7 +43,7 @@ def placed_params(mxfp4, mesh, rules):
 
 # (mesh sizes, rules, expected expert axes, expected token axes)
 LAYOUTS = {
-    "fsdp4-data2": (dict(data=2, fsdp=4), DEFAULT_RULES, ("fsdp",), ("data", "fsdp")),
+    "fsdp4-data2": (dict(data=2, fsdp=4), DEFAULT_RULES, ("fsdp",), ("fsdp", "data")),
     "fsdp2-tensor4": (dict(fsdp=2, tensor=4), DEFAULT_RULES, ("fsdp", "tensor"), ("fsdp",)),
     # experts over fsdp only, their mlp dim over tensor (gathered per layer inside the shard)
     "mlp-over-tensor": (dict(fsdp=4, tensor=2), (("batch", ("data", "fsdp")), ("experts", "fsdp"),
