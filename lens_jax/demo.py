@@ -126,7 +126,7 @@ def train_run(config, workdir: Path, config_path: Path, overrides: Sequence[str]
 
     The printed command line holds the user's ``overrides`` and the fields the driver set:
     ``data.path`` and a ``json:`` tokenizer (the resolved ``"words"``)."""
-    from lens_jax.train.trainer import train
+    from lens_jax.train.loop import train
 
     driver_set = [f"data.path={config.data.path}"]
     if str(config.data.tokenizer).startswith("json:"):

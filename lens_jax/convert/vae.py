@@ -327,7 +327,8 @@ def _tokens_to_vae_latents(tokens, latent_hw, mean, var, eps, dtype):
                                         eps).astype(dtype)
 
 
-def _method(m: AutoencoderKLFlux2, name: str, *args):
+def vae_method(m: AutoencoderKLFlux2, name: str, *args):
+    """``encode_moments`` / ``decode`` / ``vae_latents_to_tokens`` of a merged VAE module (inside jit)."""
     if name == "encode_moments":
         return m.encode_moments(*args)
     if name == "decode":
@@ -340,7 +341,7 @@ def _method(m: AutoencoderKLFlux2, name: str, *args):
 
 
 def _run_method(graphdef, method: str, state, *args):
-    return _method(nnx.merge(graphdef, state), method, *args)
+    return vae_method(nnx.merge(graphdef, state), method, *args)
 
 
 _JIT = jax.jit(_run_method, static_argnums=(0, 1))

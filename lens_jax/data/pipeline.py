@@ -268,7 +268,7 @@ class _PackIterator(grain.DatasetIterator):
             self.packer: StreamingPacker | BucketBatcher = StreamingPacker(self.packing, self.rows)
         else:
             self.packer = BucketBatcher(self.rows)
-        self.pixel_dtype = _dtype(cfg.pixel_dtype)
+        self.pixel_dtype = pixel_dtype(cfg.pixel_dtype)
         self.batches = 0
         self.segments = 0
         self.skips: dict[str, int] = {}
@@ -332,7 +332,8 @@ class _PackIterator(grain.DatasetIterator):
         self.budget_tokens = [int(v) for v in state["budget_tokens"]]
 
 
-def _dtype(name: str):
+def pixel_dtype(name: str):
+    """``data.pixel_dtype`` ("float32" | "bfloat16" | "uint8") -> the numpy dtype of image patches."""
     if name == "bfloat16":
         import ml_dtypes
 

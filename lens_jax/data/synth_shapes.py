@@ -62,7 +62,7 @@ BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
 SIZE_FRACTIONS: dict[str, float] = {"small": 0.16, "medium": 0.26, "large": 0.38}
 SIZE_ORDER = ("small", "medium", "large")
 
-_POSITION_NAMES = (("upper left", "top centre", "upper right"),
+POSITION_NAMES = (("upper left", "top centre", "upper right"),
                    ("left", "centre", "right"),
                    ("lower left", "bottom centre", "lower right"))
 _POSITION_PHRASES = {
@@ -116,7 +116,7 @@ def bucket_sizes(base_size: int = 512, groups: Sequence[int] = (512, 768, 1024),
 def _position_name(cx: float, cy: float, width: int, height: int) -> str:
     col = min(2, max(0, int(3 * cx / width)))
     row = min(2, max(0, int(3 * cy / height)))
-    return _POSITION_NAMES[row][col]
+    return POSITION_NAMES[row][col]
 
 
 def _overlaps(a: Sequence[int], b: Sequence[int], gap: int) -> bool:

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lens_jax.data.synth_shapes import (_POSITION_NAMES, OBJECT_COLORS, SHAPES, SIZE_FRACTIONS,
+from lens_jax.data.synth_shapes import (POSITION_NAMES, OBJECT_COLORS, SHAPES, SIZE_FRACTIONS,
                                         bucket_sizes, caption_dense, caption_short,
                                         render_layout, sample_layout)
 
@@ -377,8 +377,8 @@ def _relation_axes(a: tuple[float, float], b: tuple[float, float], width: int, h
 
 def _in_region(center: tuple[float, float], position: str, width: int, height: int,
                tolerance: float) -> bool:
-    row = next(r for r, names in enumerate(_POSITION_NAMES) if position in names)
-    col = _POSITION_NAMES[row].index(position)
+    row = next(r for r, names in enumerate(POSITION_NAMES) if position in names)
+    col = POSITION_NAMES[row].index(position)
     x, y = center[0] / width, center[1] / height
     return (col / 3 - tolerance <= x <= (col + 1) / 3 + tolerance
             and row / 3 - tolerance <= y <= (row + 1) / 3 + tolerance)

@@ -254,7 +254,7 @@ def abstract_batch(config: ml_collections.ConfigDict, rows: int, sharding) -> di
     """The step's batch (``rows`` packed rows, every host together) as abstract arrays: the keys
     of ``lens_jax.data.packing.build_batch`` (``latents`` instead of ``image_patches`` for ``image_encoder=vae``)."""
     from lens_jax.data.packing import build_batch
-    from lens_jax.data.pipeline import _dtype as pixel_dtype
+    from lens_jax.data.pipeline import pixel_dtype
 
     d = config.data
     empty = build_batch([], image_tokens=int(d.image_tokens), text_tokens=int(d.text_tokens),

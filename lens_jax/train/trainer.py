@@ -218,10 +218,3 @@ class Trainer:
         """Per-host numpy batch -> global arrays sharded over the batch axes."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in host_batch.items()}
-
-
-def train(config: ml_collections.ConfigDict, workdir) -> dict:
-    """``lens_jax.train.loop.train`` (kept here for callers of the old name)."""
-    from lens_jax.train.loop import train as run
-
-    return run(config, workdir)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lens_jax.convert.vae import _method as vae_methods
+from lens_jax.convert.vae import vae_method
 from lens_jax.data.buckets import unpatchify_image
 
 
@@ -63,8 +63,8 @@ class VAEEncoder:
 
         def encode(state, images):  # [G, H, W, 3] in [-1, 1] -> [G, H/16 * W/16, 128]
             model = nnx.merge(graphdef, state)  # what FluxVAE.image_to_latents runs, in one program
-            moments = vae_methods(model, "encode_moments", images)
-            return vae_methods(model, "vae_latents_to_tokens", moments[..., :latent_channels])
+            moments = vae_method(model, "encode_moments", images)
+            return vae_method(model, "vae_latents_to_tokens", moments[..., :latent_channels])
 
         self._encode = jax.jit(encode, in_shardings=(replicated, self.images_sharding),
                                out_shardings=self.images_sharding)
