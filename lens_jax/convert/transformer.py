@@ -12,7 +12,6 @@ Every conversion writes to a temporary folder and renames it at the end.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
