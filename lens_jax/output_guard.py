@@ -13,6 +13,8 @@
   a library swallows the ``KeyboardInterrupt`` (orbax's event loop logs and drops it).
 - ``dir_mode``: the mode a new folder gets under the user's umask (``tempfile.mkdtemp`` makes
   0700 folders, which would otherwise become the final output).
+- ``atomic_output_dir``: every output folder is written under a temporary name and renamed (on
+  ``gs://``, uploaded) at the end, so a failure never leaves it half-written.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import re
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+
+from lens_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +192,41 @@ def interrupts_raise() -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h)
         _interrupted.clear()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary folder beside ``out_dir``; renames it to ``out_dir`` on success.
+
+    On any exception (Ctrl-C and SIGTERM included, see ``interrupts_raise``) the
+    temporary folder is deleted and ``out_dir`` is left untouched. Temporaries of earlier runs
+    killed outright are cleaned or reported first (``clean_leftovers``); the output
+    folder gets the user's umask (not mkdtemp's 0700). A ``gs://`` ``out_dir`` is built in a local
+    temporary folder and uploaded (``storage.remote_output_dir``).
+    """
+    if storage.is_remote(out_dir):
+        with storage.remote_output_dir(out_dir, overwrite=overwrite) as tmp:
+            yield tmp
+            raise_if_interrupted()
+        return
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir), dir=out_dir.parent))
+    try:
+        os.chmod(tmp, dir_mode())
+        yield tmp
+        raise_if_interrupted()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir, "old"),
+                                    dir=out_dir.parent))
+        os.replace(out_dir, old / "x")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)

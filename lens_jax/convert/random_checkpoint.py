@@ -31,8 +31,8 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from lens_jax import storage
-from lens_jax.convert.safetensors_io import ShardedWriter, atomic_output_dir, write_json
+from lens_jax import output_guard, storage
+from lens_jax.convert.safetensors_io import ShardedWriter, write_json
 from lens_jax.models import config as config_lib
 from lens_jax.models.text_encoder import GptOssConfig
 
@@ -294,7 +294,7 @@ def write_random_checkpoint(out: str | os.PathLike, preset: str = "tiny", seed: 
     if max(cfg.selected_layer_index) >= text_cfg.num_hidden_layers:
         raise ValueError(f"preset {preset}: selected layers {tuple(cfg.selected_layer_index)} need "
                          f"{max(cfg.selected_layer_index) + 1} text-encoder layers")
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with output_guard.atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_json(tmp / "model_index.json",
                    dict(MODEL_INDEX, _lens_jax_random={"preset": preset, "seed": int(seed)}))
         (tmp / "scheduler").mkdir()

@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lens_jax import storage
+from lens_jax import output_guard, storage
 from lens_jax.convert import keymap
 from lens_jax.convert.safetensors_io import (CheckpointError, SafetensorsFolder, ShardedWriter,
-                                             atomic_output_dir, check_field_types, read_json,
-                                             write_json)
+                                             check_field_types, read_json, write_json)
 from lens_jax.models import latents as latent_ops
 from lens_jax.models.vae import AutoencoderKLFlux2, VAEConfig
 
@@ -453,7 +452,7 @@ def save_vae(vae: FluxVAE, out_dir: str | os.PathLike, overwrite: bool = False,
     mappings = vae_mappings(vae.config)
     params = {p: np.asarray(a) for p, a in _state_dict(vae.model).items()}
     params[("bn_num_batches_tracked",)] = np.asarray(vae.num_batches_tracked, np.int64)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with output_guard.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, WEIGHTS_PREFIX, max_shard_bytes=max_shard_bytes)
         for key, tensor in keymap.torch_tensors(params, mappings):
             writer.add(key, tensor)

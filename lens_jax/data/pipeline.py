@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 
-from lens_jax.data import records
+from lens_jax.data import records, sources
 from lens_jax.data.buckets import (Bucket, assign_bucket, draft_size, make_buckets,
                                    patchify_image, resize_and_crop)
 from lens_jax.data.packing import (BucketBatcher, PackingConfig, StreamingPacker, build_batch,
@@ -462,7 +462,7 @@ def make_pipeline(config: ml_collections.ConfigDict, mesh=None, *,
     if source is None:
         if not cfg.path:
             raise ValueError("config.path is empty: give a records folder/glob or a tfds: spec")
-        source = records.open_source(cfg.path)
+        source = sources.open_source(cfg.path)
     if tokenizer is None:
         tokenizer = load_caption_tokenizer(cfg.tokenizer, cfg.template_date, cfg.caption_length)
     buckets = make_buckets(tuple(cfg.base_sizes), float(cfg.bucket_scale))

@@ -19,7 +19,7 @@ record format, so every raw record of a prepared split decodes with
 Reading:
 
 - ``tfds_source(name_or_dir, split)``: a grain ``ArrayRecordDataSource`` of raw record bytes
-  (decode with ``records.decode_example``); ``records.open_source("tfds:...")`` calls it.
+  (decode with ``records.decode_example``); ``lens_jax.data.sources.open_source("tfds:...")`` calls it.
 - ``tfds.data_source("lens_records/CONFIG", data_dir=DIR, split="train")`` (after importing this
   module) or ``tfds.builder_from_directory(DIR/lens_records/CONFIG/1.0.0).as_data_source()``:
   TFDS' own decoded dicts (bytes for text fields).

@@ -115,7 +115,7 @@ def test_persistent_compilation_cache(tiny_pipe, tmp_path):
         call = dict(CALL, num_inference_steps=1, output_type="latent")
         tiny_pipe(PROMPTS, **call)
         assert any((tmp_path / "cache").iterdir())
-        denoise_lib._denoise_jit.clear_cache()  # forget the in-memory executable
+        denoise_lib.denoise_jit.clear_cache()  # forget the in-memory executable
         events.clear()
         tiny_pipe(PROMPTS, **call)
         assert "/jax/compilation_cache/cache_hits" in events
