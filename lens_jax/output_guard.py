@@ -33,12 +33,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from lens_jax import storage
+from lens_jax.errors import OutputError
 
 log = logging.getLogger(__name__)
-
-
-class OutputError(ValueError):
-    """An output path would destroy an input or files the command did not write."""
 
 
 # ----------------------------------------------------------------------------- inputs vs output

@@ -37,6 +37,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from lens_jax import output_guard, storage
+from lens_jax.errors import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 _TEXT_FIELDS = ("caption", "short_caption", "id", "source", "metadata")
 _INT_FIELDS = ("width", "height")
-
-
-class RecordError(ValueError):
-    """A record (or a record path) is not what the lens record format expects."""
 
 
 @dataclasses.dataclass

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.traverse_util import unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lens_jax import sharding
-from lens_jax.convert.keymap import unflatten
 from lens_jax.models import mxfp4 as mxfp4_lib
 
 LAYER_SLIDING = "sliding_attention"
@@ -274,9 +274,9 @@ def text_encoder_shardings(config: GptOssConfig, num_layers: int, mxfp4: bool, m
     from lens_jax.train.mesh import param_shardings
 
     specs = param_specs(config, num_layers, mxfp4)
-    logical = unflatten({p: PartitionSpec(*axes) for p, (_, _, axes) in specs.items()})
-    abstract = unflatten({p: jax.ShapeDtypeStruct(shape, spec_dtype(kind, jnp.float32))
-                          for p, (shape, kind, _) in specs.items()})
+    logical = unflatten_dict({p: PartitionSpec(*axes) for p, (_, _, axes) in specs.items()})
+    abstract = unflatten_dict({p: jax.ShapeDtypeStruct(shape, spec_dtype(kind, jnp.float32))
+                               for p, (shape, kind, _) in specs.items()})
     return param_shardings(logical, abstract, mesh, _rule_pairs(rules))
 
 
@@ -287,7 +287,7 @@ def abstract_params(config: GptOssConfig, num_layers: int, mxfp4: bool, dtype=jn
     specs = param_specs(config, num_layers, mxfp4)
     shardings = (text_encoder_shardings(config, num_layers, mxfp4, mesh, rules) if mesh is not None
                  else None)
-    return unflatten({p: jax.ShapeDtypeStruct(
+    return unflatten_dict({p: jax.ShapeDtypeStruct(
         shape, spec_dtype(kind, dtype),
         sharding=None if shardings is None else shardings[p[0]] if len(p) == 1 else shardings[p[0]][p[1]])
         for p, (shape, kind, _) in specs.items()})

@@ -113,8 +113,8 @@ class Trainer:
     def load_params(self, path: str) -> dict:
         """Denoiser weights, sharded like the params: a diffusers folder, the orbax layout of
         lens-convert, or ``run:WORKDIR[:STEP]`` (raw weights of a lens-train checkpoint)."""
-        from lens_jax.convert.transformer import load_transformer, model_params
-        from lens_jax.convert import keymap
+        from lens_jax.checkpoints.transformer import load_transformer, model_params
+        from lens_jax.checkpoints import keymap
         from lens_jax.models.config import DIFFUSERS_FIELDS
 
         m = self.config.model

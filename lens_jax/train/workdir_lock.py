@@ -46,20 +46,13 @@ from pathlib import Path
 from typing import Protocol
 
 from lens_jax import storage
+from lens_jax.errors import LockLost, WorkdirLocked
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "lens_jax.lock"
 HEARTBEAT_S = 30.0       # how often a holder refreshes its heartbeat
 STALE_AFTER_S = 300.0    # a lock of another host whose heartbeat is older than this is taken over
-
-
-class WorkdirLocked(RuntimeError):
-    """The run directory is held by another live process."""
-
-
-class LockLost(RuntimeError):
-    """This process's lock was taken over by another process (it stalled past the timeout)."""
 
 
 # ----------------------------------------------------------------------------- storage backends

@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 from configs import lens_3p8b, tiny
-from lens_jax.convert.transformer import load_transformer, tensor_count
+from lens_jax.checkpoints.transformer import load_transformer, tensor_count
 from lens_jax.models import attention as attention_lib
 from lens_jax.models.positions import image_positions, text_positions
 from lens_jax.models.transformer import LensTransformer, abstract_model, param_count

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from configs import tiny
-from lens_jax.convert.transformer import load_transformer
+from lens_jax.checkpoints.transformer import load_transformer
 from lens_jax.sampling import denoise as denoise_lib
 from lens_jax.sampling.scheduler import sigmas_for
 from tests.conftest import max_rel_err

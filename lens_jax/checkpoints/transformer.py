@@ -25,11 +25,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from lens_jax import output_guard, storage
-from lens_jax.convert import keymap
-from lens_jax.convert.keymap import TensorMapping
-from lens_jax.convert.safetensors_io import (
-    CheckpointError, SafetensorsFolder, ShardedWriter, check_field_types,
-    read_json, write_json)
+from lens_jax.checkpoints import keymap
+from lens_jax.checkpoints.keymap import TensorMapping
+from lens_jax.checkpoints.safetensors_io import (SafetensorsFolder, ShardedWriter, check_field_types,
+                                                 read_json, write_json)
+from lens_jax.errors import CheckpointError
 from lens_jax.models import config as config_lib
 from lens_jax.models.transformer import LensTransformer, abstract_model
 

@@ -11,19 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from lens_jax import storage
+from lens_jax.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk does not match what the loader expects."""
 
 
 def _pickle_refusal(path: Path) -> CheckpointError:
