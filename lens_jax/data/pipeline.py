@@ -41,6 +41,7 @@ from lens_jax.data.buckets import (Bucket, assign_bucket, draft_size, make_bucke
 from lens_jax.data.packing import (BucketBatcher, PackingConfig, StreamingPacker, build_batch,
                                    check_fits)
 from lens_jax.data.tokenize import CaptionTokenizer, load_caption_tokenizer
+from lens_jax.errors import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class _ExampleLoader:
 
         try:
             ex = records.decode_example(self.source[example_index])
-        except records.RecordError:
+        except RecordError:
             return skip("bad_record")
         if not ex.caption.strip() and not ex.short_caption.strip():
             return skip("empty_caption")
