@@ -32,7 +32,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-from lens_jax import storage
+from lens_jax import processes, storage
 from lens_jax.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,10 @@ def leftover_temporaries(out: str | os.PathLike) -> list[tuple[Path, int | None,
 def clean_leftovers(out: str | os.PathLike) -> list[Path]:
     """Deletes the temporaries of ``out`` left by dead processes of this host; warns about the
     others (they may belong to a run still writing). Returns the paths deleted."""
-    from lens_jax.train.workdir_lock import pid_alive
-
     host, deleted = socket.gethostname(), []
     for path, pid, owner_host in leftover_temporaries(out):
         if pid is not None and owner_host == host:
-            if pid == os.getpid() or pid_alive(pid):
+            if pid == os.getpid() or processes.pid_alive(pid):
                 continue  # a live writer's (or our own) folder
             shutil.rmtree(path, ignore_errors=True)
             log.warning("deleted %s, left by an interrupted run (process %d is gone)", path, pid)
