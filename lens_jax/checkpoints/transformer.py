@@ -329,8 +329,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, dtype=None,
 
 def _convert(src: Path, out: str | os.PathLike, to: str, dtype, max_shard_bytes: int, overwrite: bool,
              progress: bool) -> None:
-    from lens_jax import output_guard
-
     cfg = read_config(src)
     with output_guard.atomic_output_dir(out, overwrite=overwrite) as tmp:
         if to == "diffusers":
