@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lens_jax.data.records import MAX_IMAGE_PIXELS, Example, RecordError, image_format
+from lens_jax.data.records import MAX_IMAGE_PIXELS, Example, image_format
+from lens_jax.errors import RecordError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Other image files found in the folder are reported as skipped (unsupported format).

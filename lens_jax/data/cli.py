@@ -20,7 +20,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
-from lens_jax.data.records import RecordError
+from lens_jax.errors import RecordError
 
 
 def _positive_int(text: str) -> int:

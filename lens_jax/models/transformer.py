@@ -27,7 +27,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lens_jax.models import attention as attention_lib
 from lens_jax.models import config as config_lib
-from lens_jax.models.rope import apply_rope, image_positions, rope_angles, text_positions
+from lens_jax.models.positions import image_positions, text_positions
+from lens_jax.models.rope import apply_rope, rope_angles
 from lens_jax.sharding import constrain
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")

@@ -2,7 +2,7 @@
 
 Compiles the sampler's programs for a TPU host from any host (libtpu's compiler, abstract weights,
 no checkpoint): prompt encoding (GPT-OSS-20B, MXFP4 experts, on the first chip as
-``LensPipeline`` places it), the whole CFG denoising loop (``denoise._denoise_jit``: batch over
+``LensPipeline`` places it), the whole CFG denoising loop (``denoise.denoise_jit``: batch over
 every chip of the host, denoiser replicated) and the VAE decode of one image (``LensPipeline.decode``
 decodes one at a time). The pipeline keeps all three networks' weights on the first chip, so each
 program's total there includes the other two networks' weights. Prints the table of
@@ -110,7 +110,7 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
 
     reports = [run(f"encode[{batch}x{text_length}]", jax.jit(encode_fn).lower(text_params, ids, mask),
                    (text_params, ids, mask), 0.0)]
-    lowered = denoise_lib._denoise_jit.lower(
+    lowered = denoise_lib.denoise_jit.lower(
         graphdef, state, noise, cond_feats, cond_mask, sigmas, scale, latent_hw=(h, w),
         use_cfg=guidance != 1.0, bf16_timesteps=False, num_train_timesteps=1000, mesh=mesh)
     reports.append(run(f"denoise[{batch}x{h * w}tok,{steps}steps]", lowered,

@@ -72,8 +72,10 @@ def _loop(graphdef, state, noise, features, mask, sigmas, guidance_scale, *, lat
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "latent_hw", "use_cfg", "bf16_timesteps",
                                              "num_train_timesteps", "mesh"))
-def _denoise_jit(graphdef, state, noise, features, mask, sigmas, guidance_scale, *, latent_hw,
-                 use_cfg, bf16_timesteps, num_train_timesteps, mesh):
+def denoise_jit(graphdef, state, noise, features, mask, sigmas, guidance_scale, *, latent_hw,
+                use_cfg, bf16_timesteps, num_train_timesteps, mesh):
+    """The jitted loop ``denoise`` runs on ``nnx.split(model)`` (``sampling/compile.py`` lowers
+    it ahead of time with the same arguments)."""
     kw = dict(latent_hw=latent_hw, use_cfg=use_cfg, bf16_timesteps=bf16_timesteps,
               num_train_timesteps=num_train_timesteps)
     if mesh is None:
@@ -123,7 +125,7 @@ def denoise(model: LensTransformer, noise: jax.Array, features: Sequence[jax.Arr
         noise, mask = jax.device_put(noise, batch), jax.device_put(mask, batch)
         features = [jax.device_put(f, batch) for f in features]
     graphdef, state = nnx.split(model)
-    return _denoise_jit(graphdef, state, noise, features, mask, sigmas,
-                        jnp.asarray(guidance_scale, jnp.float32), latent_hw=(h, w), use_cfg=use_cfg,
-                        bf16_timesteps=bool(bf16_timesteps),
-                        num_train_timesteps=int(num_train_timesteps), mesh=mesh)
+    return denoise_jit(graphdef, state, noise, features, mask, sigmas,
+                       jnp.asarray(guidance_scale, jnp.float32), latent_hw=(h, w), use_cfg=use_cfg,
+                       bf16_timesteps=bool(bf16_timesteps),
+                       num_train_timesteps=int(num_train_timesteps), mesh=mesh)

@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from lens_jax.convert.safetensors_io import CheckpointError, read_json
+from lens_jax.checkpoints.safetensors_io import read_json
+from lens_jax.errors import CheckpointError
 from lens_jax.sampling import denoise as denoise_lib
 from lens_jax.sampling import guidance
 from lens_jax.sampling.resolution import check_resolution
@@ -224,9 +225,9 @@ class LensPipeline:
         ``mxfp4``: keep the text encoder's experts MXFP4-packed. ``compilation_cache``: see
         ``enable_compilation_cache`` (on by default).
         """
-        from lens_jax.convert.text_encoder import load_text_encoder
-        from lens_jax.convert.transformer import load_transformer
-        from lens_jax.convert.vae import load_vae
+        from lens_jax.checkpoints.text_encoder import load_text_encoder
+        from lens_jax.checkpoints.transformer import load_transformer
+        from lens_jax.checkpoints.vae import load_vae
         from lens_jax.text import PromptTokenizer
 
         enable_compilation_cache(compilation_cache)

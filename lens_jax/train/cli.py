@@ -45,9 +45,9 @@ def _run(argv) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     _quiet_logs()
-    from lens_jax.train.checkpoint import CheckpointMismatchError, CheckpointUnusableError
-    from lens_jax.train.loop import NonFiniteLossError, train
-    from lens_jax.train.workdir_lock import WorkdirLocked
+    from lens_jax.errors import (CheckpointMismatchError, CheckpointUnusableError,
+                                 NonFiniteLossError, WorkdirLocked)
+    from lens_jax.train.loop import train
 
     try:
         train(_CONFIG.value, _WORKDIR.value)

@@ -80,8 +80,8 @@ def restore_weights(workdir: str | Path, step: int = -1, ema: bool = True) -> tu
 
 def export(workdir: str | Path, out: str | Path, step: int = -1, ema: bool = True, dtype: str = "",
            overwrite: bool = False) -> Path:
-    from lens_jax.convert import keymap
-    from lens_jax.convert.transformer import model_from_params, save_transformer
+    from lens_jax.checkpoints import keymap
+    from lens_jax.checkpoints.transformer import model_from_params, save_transformer
 
     config = run_config(workdir)
     params, step, name = restore_weights(workdir, step, ema)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     import contextlib
 
     from lens_jax import output_guard
-    from lens_jax.convert.transformer import DIFFUSERS_PATTERNS
+    from lens_jax.checkpoints.transformer import DIFFUSERS_PATTERNS
     from lens_jax.train import workdir_lock
 
     args = build_parser().parse_args(argv)

@@ -31,15 +31,12 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
+from lens_jax.errors import NonFiniteLossError
 from lens_jax.train import hosts, rundir
 from lens_jax.train import mesh as mesh_lib
 from lens_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; training stopped without saving."""
 
 
 class FeedItem(NamedTuple):

@@ -11,7 +11,6 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from lens_jax.sharding import fit_spec, logical_to_spec
 from lens_jax.train.config import MESH_AXES
 
 log = logging.getLogger(__name__)
@@ -112,14 +111,6 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence | None =
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """Mesh axes the batch (rows) is split over: every data-like axis."""
     return tuple(a for a in ("slice", "fsdp", "data") if a in mesh.shape)  # = DEFAULT_RULES["batch"]
-
-
-def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules) -> dict:
-    """NamedShardings for a parameter tree from its logical-name specs (non-divisible dims replicated)."""
-    return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, fit_spec(logical_to_spec(tuple(spec), rules, mesh),
-                                                      x.shape, mesh)),
-        logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lens_jax.models.transformer import LensTransformer, abstract_model
+from lens_jax import sharding
 from lens_jax.sharding import use_rules
 from lens_jax.train import mesh as mesh_lib
 from lens_jax.train import encoders, objective, optim
@@ -47,7 +48,7 @@ class Trainer:
         self.graphdef, abstract_state = nnx.split(abstract_model(config.model))
         self.abstract_params = nnx.to_pure_dict(abstract_state)
         self.logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
-        self.param_shardings = mesh_lib.param_shardings(self.logical_specs, self.abstract_params,
+        self.param_shardings = sharding.param_shardings(self.logical_specs, self.abstract_params,
                                                         self.mesh, self.rules)
         self.tx, self.schedule = optim.make_optimizer(config.optimizer, int(config.num_steps))
         self.use_ema = float(config.ema.decay) > 0
@@ -113,8 +114,8 @@ class Trainer:
     def load_params(self, path: str) -> dict:
         """Denoiser weights, sharded like the params: a diffusers folder, the orbax layout of
         lens-convert, or ``run:WORKDIR[:STEP]`` (raw weights of a lens-train checkpoint)."""
-        from lens_jax.convert.transformer import load_transformer, model_params
-        from lens_jax.convert import keymap
+        from lens_jax.checkpoints.transformer import load_transformer, model_params
+        from lens_jax.checkpoints import keymap
         from lens_jax.models.config import DIFFUSERS_FIELDS
 
         m = self.config.model
