@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lens_jax.models import attention as attention_lib
 from lens_jax.models import config as config_lib
+from lens_jax.models.cpu_matmul import dense_bf16
 from lens_jax.models.positions import image_positions, text_positions
 from lens_jax.models.rope import apply_rope, rope_angles
 from lens_jax.sharding import constrain
@@ -94,8 +95,12 @@ class BlockStack(nnx.Module):
 # ----------------------------------------------------------------------------- pure math
 
 def dense(x: jax.Array, p: dict, dtype, n_in: int = 1) -> jax.Array:
-    """Contracts the last ``n_in`` axes of ``x`` with the first ``n_in`` of ``p['kernel']``."""
-    y = jnp.tensordot(x.astype(dtype), p["kernel"].astype(dtype), axes=n_in)
+    """Contracts the last ``n_in`` axes of ``x`` with the first ``n_in`` of ``p['kernel']``.
+    bf16 traced for the CPU: ``cpu_matmul.dense_bf16`` (the same arithmetic, XLA:CPU's fast path)."""
+    if jnp.dtype(dtype) == jnp.bfloat16 and attention_lib.target_backend() == "cpu":
+        y = dense_bf16(x.astype(dtype), p["kernel"].astype(dtype), n_in)
+    else:
+        y = jnp.tensordot(x.astype(dtype), p["kernel"].astype(dtype), axes=n_in)
     if p.get("bias") is not None:
         y = y + p["bias"].astype(dtype)
     return y

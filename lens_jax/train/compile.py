@@ -413,9 +413,22 @@ def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
             f.write(compiled.as_text())
     if config.image_encoder.kind == "vae" and vae_program:
         state_bytes = programs[0].argument_bytes
-        host = [d for d in devices if d.process_index == devices[0].process_index]
-        programs.append(compile_vae_encode(config, host, topo, resident_bytes=state_bytes))
+        programs.append(compile_vae_encode(config, host_devices(topo, devices), topo,
+                                           resident_bytes=state_bytes))
     return CompileResult(topo, num_slices, dict(mesh.shape), rows, programs, compiled, text_bytes)
+
+
+def host_devices(topo: topologies.Topology, devices: Sequence) -> list:
+    """The chips of one host, for a program each host runs on its own (the VAE encoder). On a
+    multi-host slice: the devices of a one-host slice of the same generation, since v5e's compiler
+    refuses a device assignment that is a part of a slice ("On platforms with limited ICI routing
+    device assignment should include all slice devices"); per-chip memory is the same."""
+    if topo.hosts == 1:
+        return [d for d in devices if d.process_index == devices[0].process_index]
+    dims = 3 if topo.topology.count("x") == 2 else 2
+    one_host = topologies.topology(f"{topo.topology.split(':')[0]}:"
+                                   + "x".join(str(b) for b in topo.host_bounds[:dims]))
+    return topologies.topology_devices(one_host)
 
 
 def vae_model(dtype: str = "bfloat16", random_small: bool = False):
