@@ -28,14 +28,16 @@ class Generation:
     peak_flops: float       # dense bf16 FLOP/s per chip (no sparsity)
     torus_dims: int         # 3 (v4, v5p: 3-D torus) or 2 (v5e, v6e)
     chip_config: str        # libtpu chip config: "megacore" = one JAX device per v4 chip
+    device_kind: str        # what libtpu's devices report as ``device_kind``
 
 
-# Cloud TPU documentation (system architecture pages of each generation).
+# Cloud TPU documentation (system architecture pages of each generation); device kinds as libtpu
+# 0.0.42 reports them (tests/tpu/test_topologies.py reads them from the topology's devices).
 GENERATIONS = {
-    "v4": Generation("v4", 2, 32 * GiB, 275e12, 3, "megacore"),
-    "v5p": Generation("v5p", 2, 95 * GiB, 459e12, 3, "default"),
-    "v5e": Generation("v5e", 1, 16 * GiB, 197e12, 2, "default"),
-    "v6e": Generation("v6e", 1, 32 * GiB, 918e12, 2, "default"),
+    "v4": Generation("v4", 2, 32 * GiB, 275e12, 3, "megacore", "TPU v4"),
+    "v5p": Generation("v5p", 2, 95 * GiB, 459e12, 3, "default", "TPU v5"),
+    "v5e": Generation("v5e", 1, 16 * GiB, 197e12, 2, "default", "TPU v5 lite"),
+    "v6e": Generation("v6e", 1, 32 * GiB, 918e12, 2, "default", "TPU v6 lite"),
 }
 ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
 
@@ -109,6 +111,15 @@ def topology(name: str) -> Topology:
                     topology=f"{gen.libtpu_name}:{'x'.join(str(s) for s in shape)}", chips=chips,
                     chips_per_host=per_host, host_bounds=bounds, hbm_bytes=gen.hbm_bytes,
                     peak_flops=gen.peak_flops, chip_config=gen.chip_config)
+
+
+def generation_of_device(device_kind: str) -> Generation | None:
+    """The generation whose chips report ``device_kind`` (e.g. "TPU v5 lite" -> v5e); None if
+    no TPU generation of the table does."""
+    for gen in GENERATIONS.values():
+        if gen.device_kind == device_kind.strip():
+            return gen
+    return None
 
 
 def _generation(gen_name: str, name: str) -> Generation:
