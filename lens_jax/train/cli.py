@@ -46,6 +46,7 @@ def _run(argv) -> None:
         raise app.UsageError("--config and --workdir are required")
     _quiet_logs()
     from lens_jax.train.checkpoint import CheckpointMismatchError, CheckpointUnusableError
+    from lens_jax.train.executable import ExecutableMismatchError
     from lens_jax.train.loop import NonFiniteLossError, train
     from lens_jax.train.workdir_lock import WorkdirLocked
 
@@ -54,7 +55,8 @@ def _run(argv) -> None:
     except NonFiniteLossError as e:
         print(f"lens-train: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
-    except (CheckpointMismatchError, CheckpointUnusableError, WorkdirLocked) as e:
+    except (CheckpointMismatchError, CheckpointUnusableError, ExecutableMismatchError,
+            WorkdirLocked) as e:
         print(f"lens-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

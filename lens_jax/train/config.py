@@ -46,6 +46,9 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.init_from = ""                  # "" = fresh init; diffusers folder, orbax layout of lens-convert,
     #                                   or run:WORKDIR[:STEP] (raw weights of a lens-train run)
     c.grad_accum_steps = 1            # micro-batches per optimizer step (rows split evenly)
+    c.compiled_step_path = ""         # a lens-train compile --save-executable file: run that step
+    #                                   instead of jitting one (refused unless it was compiled for
+    #                                   this config, mesh, device kind and jax version)
 
     c.data = default_data_config()
 

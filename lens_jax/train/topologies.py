@@ -40,6 +40,7 @@ GENERATIONS = {
     "v6e": Generation("v6e", 1, 32 * GiB, 918e12, 2, "default", "TPU v6 lite"),
 }
 ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+CPU = "cpu"  # the pseudo-topology of this host's CPU devices (``topology("cpu")``)
 
 # Chips -> physical shape of a slice (the shapes Cloud TPU provisions for these sizes).
 SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
@@ -69,8 +70,16 @@ class Topology:
 
 
 def topology(name: str) -> Topology:
-    """``"v5p-128"`` (or a libtpu string such as ``"v5p:2x2x1"``) -> its ``Topology``."""
+    """``"v5p-128"`` (or a libtpu string such as ``"v5p:2x2x1"``) -> its ``Topology``; ``"cpu"``:
+    this process's CPU devices, the host's RAM as their memory."""
     raw = name.strip().lower()
+    if raw == CPU:
+        import jax
+
+        chips = len(jax.devices("cpu"))
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return Topology(name=CPU, generation=CPU, topology=CPU, chips=chips, chips_per_host=chips,
+                        host_bounds=(1, 1, 1), hbm_bytes=int(memory), peak_flops=0.0, chip_config="")
     m = re.fullmatch(r"([a-z0-9]+)-(\d+)", raw)
     if m:
         gen_name = ALIASES.get(m.group(1), m.group(1))
@@ -150,6 +159,12 @@ def compile_only_backend() -> None:
 
 def topology_devices(topo: Topology, num_slices: int = 1) -> list:
     """The JAX devices of ``num_slices`` slices of ``topo`` (compile-only; no TPU needed)."""
+    if topo.generation == CPU:
+        import jax
+
+        if num_slices != 1:
+            raise ValueError("topology cpu: one slice only (--num-slices 1)")
+        return list(jax.devices("cpu"))
     reason = libtpu_missing_reason()
     if reason:
         raise RuntimeError(reason)
