@@ -82,7 +82,7 @@ class Placement:
         return SHARDED_RULES if self.sharded else SAMPLING_RULES
 
     @property
-    def first_chip(self) -> SingleDeviceSharding:
+    def first_chip_sharding(self) -> SingleDeviceSharding:
         return SingleDeviceSharding(self.devices[0])
 
     @property
@@ -98,7 +98,7 @@ class Placement:
         """Shardings of the denoiser's ``nnx.state`` (concrete or abstract): replicated over the
         host's chips (first_chip), or each parameter's ``embed`` dim over them (sharded)."""
         if self.mesh is None:
-            return jax.tree.map(lambda _: self.first_chip, state)
+            return jax.tree.map(lambda _: self.first_chip_sharding, state)
         if not self.sharded:
             return jax.tree.map(lambda _: NamedSharding(self.mesh, PartitionSpec()), state)
         specs = nnx.get_partition_spec(state)
@@ -111,7 +111,8 @@ class Placement:
 
         if self.sharded:
             return text_encoder_shardings(config, num_layers, mxfp4, self.mesh, self.rules)
-        return jax.tree.map(lambda _: self.first_chip, abstract_params(config, num_layers, mxfp4))
+        return jax.tree.map(lambda _: self.first_chip_sharding,
+                            abstract_params(config, num_layers, mxfp4))
 
     def loader_placement(self, text_config) -> dict:
         """``mesh``/``rules`` for ``convert.text_encoder.load_text_encoder``: sharded, the experts
@@ -124,8 +125,8 @@ class Placement:
     def place_text_encoder(self, encoder) -> None:
         """Moves a loaded ``TextEncoder``'s parameters to this placement (in place)."""
         params = encoder.params()
-        shardings = self.text_encoder_shardings(encoder.config, int(params["layers"]["input_norm"].shape[0]),
-                                                encoder.mxfp4)
+        num_layers = int(params["layers"]["input_norm"].shape[0])
+        shardings = self.text_encoder_shardings(encoder.config, num_layers, encoder.mxfp4)
         placed = jax.device_put(params, shardings)
         encoder.embed[...] = placed["embed"]
         for name, value in placed["layers"].items():

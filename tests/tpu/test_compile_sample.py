@@ -15,14 +15,23 @@ MISSING = topologies.libtpu_missing_reason()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING or "libtpu is installed")
 
 
-@pytest.mark.parametrize("topology,chips", [("v5p:2x2x1", 4), ("v5p:2x2x2", 4)])
-def test_tiny_sampler_compiles_with_splash(topology, chips):
+def _compile(topology, placement="auto"):
     from configs.tiny import get_model_config
     from lens_jax.sampling.compile import compile_sampler
 
-    result = compile_sampler(topologies.topology(topology), batch=chips, height=64, width=64,
-                             steps=2, model_config=get_model_config(attention="splash"),
-                             tiny=True, text_length=64 + 97, log=lambda *_: None)
+    return compile_sampler(topologies.topology(topology), batch=4, height=64, width=64, steps=2,
+                           model_config=get_model_config(attention="splash"), tiny=True,
+                           text_length=64 + 97, placement=placement, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def one_host():
+    return _compile("v5p:2x2x1")
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5p:2x2x2"])
+def test_tiny_sampler_compiles_with_splash(topology, one_host):
+    result = one_host if topology == "v5p:2x2x1" else _compile(topology)
     assert result.placement == "first_chip"  # auto: a few MiB of weights fit on one chip
     reports = result.programs
     names = [r.name.split("[")[0] for r in reports]
@@ -36,17 +45,11 @@ def test_tiny_sampler_compiles_with_splash(topology, chips):
                for r in reports)
 
 
-def test_tiny_sampler_compiles_sharded():
-    """placement=sharded on a v5e host of 4 chips: GPT-OSS's experts (4) and both networks'
-    weights split over the chips, so each program's weights per chip are below first_chip's."""
-    from configs.tiny import get_model_config
-    from lens_jax.sampling.compile import compile_sampler
-
-    kw = dict(batch=4, height=64, width=64, steps=2, tiny=True, text_length=64 + 97,
-              model_config=get_model_config(attention="splash"), log=lambda *_: None)
-    topo = topologies.topology("v5e:2x2")
-    sharded = compile_sampler(topo, placement="sharded", **kw)
-    first = compile_sampler(topo, placement="first_chip", **kw)
+def test_tiny_sampler_compiles_sharded(one_host):
+    """placement=sharded on the same host: GPT-OSS's experts (4) and both networks' weights split
+    over the 4 chips, so each program's weights per chip are below first_chip's."""
+    sharded = _compile("v5p:2x2x1", placement="sharded")
+    first = one_host
     assert (sharded.placement, first.placement) == ("sharded", "first_chip")
     assert sharded.weight_bytes == first.weight_bytes
     assert all(r.fits for r in sharded.programs)

@@ -10,7 +10,7 @@ from lens_jax.train import executable, loop
 from lens_jax.train import compile as compile_lib
 from tests.train.helpers import REPO, tiny_config
 
-STEPS = 3
+STEPS = 2
 OVERRIDES = {"num_steps": STEPS, "mesh.num_devices": 2}  # fsdp over 2 CPU devices
 
 
