@@ -2,8 +2,9 @@
 ``lens-train --config.compiled_step_path=PATH`` runs it instead of jitting the step.
 
 The file (a pickle) holds the serialized executable (``jax.experimental.serialize_executable``) and
-what it was made for: the jax and jaxlib versions, the platform and device kind, the mesh shape,
-the number of processes, and every config field the step depends on (``step_fields``). A run
+what it was made for: the jax and jaxlib versions, the platform and device kind, the mesh shape
+and its devices' ids in mesh order (the executable's shardings name devices by id), the number
+of processes, and every config field the step depends on (``step_fields``). A run
 loads it only when all of these equal its own; otherwise ``ExecutableMismatchError`` names each
 difference (a stale executable would silently train another configuration).
 """
@@ -58,15 +59,23 @@ def describe(config: ml_collections.ConfigDict, mesh, num_processes: int) -> dic
     device = mesh.devices.flat[0]
     return {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "platform": device.platform,
             "device_kind": device.device_kind, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+            # the executable's shardings name devices by id, in this mesh order
+            "device_ids": [int(d.id) for d in mesh.devices.flat],
             "processes": int(num_processes), "config": step_fields(config)}
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
     """Each way ``saved`` (the file's description) differs from ``wanted`` (this run's)."""
     out = []
-    for key in ("jax", "jaxlib", "platform", "device_kind", "mesh", "processes"):
+    for key in ("jax", "jaxlib", "platform", "device_kind", "mesh", "processes", "device_ids"):
         if saved.get(key) != wanted[key]:
-            out.append(f"{key}: compiled for {saved.get(key)!r}, this run has {wanted[key]!r}")
+            old, new = saved.get(key), wanted[key]
+            if key == "device_ids":  # thousands on a large slice: the first that differ
+                first = next((i for i, (a, b) in enumerate(zip(old or [], new)) if a != b),
+                             min(len(old or []), len(new)))
+                old, new = (f"[... {v[first:first + 8]} ...] of {len(v)}" for v in (old or [], new))
+                key = f"mesh device ids from position {first}"
+            out.append(f"{key}: compiled for {old!r}, this run has {new!r}")
     old, new = saved.get("config", {}), wanted["config"]
     for name in sorted(set(old) | set(new)):
         if old.get(name, "<absent>") != new.get(name, "<absent>"):

@@ -64,3 +64,19 @@ def test_run_only_fields_do_not_matter(shapes_path):
     assert executable.step_fields(a) == executable.step_fields(b)
     b.data.rows_per_host = 4
     assert executable.step_fields(a) != executable.step_fields(b)
+
+
+def test_a_mesh_over_other_devices_is_named(shapes_path):
+    """Same shape, devices in another order: the executable's shardings would not match."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    config = _config(shapes_path)
+    axes = ("slice", "data", "fsdp", "tensor")
+    compiled = Mesh(np.asarray(jax.devices()[:2]).reshape(1, 1, 2, 1), axes)
+    run = Mesh(np.asarray(jax.devices()[:2][::-1]).reshape(1, 1, 2, 1), axes)
+    diff = executable.differences(executable.describe(config, compiled, 1),
+                                  executable.describe(config, run, 1))
+    assert diff == ["mesh device ids from position 0: compiled for '[... [0, 1] ...] of 2', "
+                    "this run has '[... [1, 0] ...] of 2'"]
