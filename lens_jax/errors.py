@@ -56,6 +56,16 @@ class CheckpointMismatchError(ValueError):
     """
 
 
+class ExecutableMismatchError(ValueError):
+    """A saved training step (``lens-train compile --save-executable``) was compiled for another
+    config, mesh, device order, number of processes or jax version than this run's.
+
+    Raised by ``lens_jax.train.executable`` before the first step (``lens-train`` exits with status
+    2), naming each difference. Compile the step again for this run, or drop
+    ``--config.compiled_step_path`` to let the run compile its own.
+    """
+
+
 class CheckpointUnusableError(RuntimeError):
     """A run's checkpoints exist but none can be read; nothing was changed.
 

@@ -46,7 +46,7 @@ def _run(argv) -> None:
         raise app.UsageError("--config and --workdir are required")
     _quiet_logs()
     from lens_jax.errors import (CheckpointMismatchError, CheckpointUnusableError,
-                                 NonFiniteLossError, WorkdirLocked)
+                                 ExecutableMismatchError, NonFiniteLossError, WorkdirLocked)
     from lens_jax.train.loop import train
 
     try:
@@ -54,7 +54,8 @@ def _run(argv) -> None:
     except NonFiniteLossError as e:
         print(f"lens-train: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
-    except (CheckpointMismatchError, CheckpointUnusableError, WorkdirLocked) as e:
+    except (CheckpointMismatchError, CheckpointUnusableError, ExecutableMismatchError,
+            WorkdirLocked) as e:
         print(f"lens-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -175,6 +175,9 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
     trainer = Trainer(config, mesh)
     log.info("mesh %s; %d devices; process %d/%d", dict(mesh.shape), mesh.size, jax.process_index(),
              jax.process_count())
+    if config.get("compiled_step_path"):  # lens-train compile --save-executable, checked first
+        trainer.load_compiled_step(config.compiled_step_path)
+        log.info("the step is the executable in %s", config.compiled_step_path)
     if not config.data.path:
         raise ValueError("config.data.path is empty: give the training records with "
                          "--config.data.path=DIR (e.g. the output of lens-data synth-shapes)")

@@ -199,8 +199,18 @@ class Trainer:
     def batch_shardings(self, batch: dict) -> dict:
         return {k: self.batch_sharding for k in batch}
 
+    def load_compiled_step(self, path: str) -> None:
+        """Uses the step that ``lens-train compile --save-executable`` wrote to ``path`` instead of
+        jitting one; ``executable.ExecutableMismatchError`` unless it was compiled for this
+        config, mesh, device kind and jax version."""
+        from lens_jax.train import executable
+
+        wanted = executable.describe(self.config, self.mesh, jax.process_count())
+        self._step_fn = executable.load(path, wanted, devices=self.mesh.devices.flat)
+
     def step_fn(self, batch_example: dict) -> Callable:
-        """The jitted step with explicit input/output shardings (state donated)."""
+        """The jitted step with explicit input/output shardings (state donated), or the one
+        ``load_compiled_step`` loaded."""
         if self._step_fn is None:
             def step(state, batch, frozen):
                 with use_rules(self.mesh, self.rules):
