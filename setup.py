@@ -36,6 +36,8 @@ setup(
         "tensorboardX",
         # gs:// paths (lens_jax/storage.py): etils.epath reads and writes Cloud Storage through gcsfs.
         "gcsfs>=2025.1",
+        # lens-data caption: HTTP to OpenAI-compatible vision-language endpoints.
+        "requests>=2.31",
         # Connected components for lens-eval layout's colour segmentation.
         "scipy",
     ],

@@ -5,6 +5,7 @@ Subcommands:
   inspect       counts, caption-length and resolution statistics, a few examples
   synth-shapes  synthetic coloured-shapes dataset with ground-truth layouts
   tfds-prepare  prepare the ``lens_records`` TFDS dataset (ArrayRecord, no TensorFlow needed)
+  caption       re-caption records densely with an OpenAI-compatible vision-language endpoint
 
 Each subcommand is one ``add_*`` function registered in ``SUBCOMMANDS``; a new one only has to
 append its own ``add_*(subparsers)`` that sets ``func`` on its parser.
@@ -20,6 +21,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
+from lens_jax.data.caption import CaptionError
 from lens_jax.data.records import RecordError
 
 
@@ -309,8 +311,83 @@ def run_tfds_prepare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# caption
 
-SUBCOMMANDS: list[Callable] = [add_build, add_inspect, add_synth_shapes, add_tfds_prepare]
+
+def add_caption(subparsers) -> None:
+    p = subparsers.add_parser(
+        "caption", help="re-caption records densely with an OpenAI-compatible VLM endpoint",
+        description=textwrap.dedent("""\
+            Send every image of --records to an OpenAI-compatible chat-completions endpoint with
+            image input (a local vLLM or SGLang server of an open vision-language model, or a
+            hosted API) with a Lens-style dense prompt (about 100 words: colour, shape, size,
+            texture, quantity, text and spatial relationships of the objects and background)
+            and a short one, and write the records to --out with the dense caption in
+            'caption' and the short one in 'short_caption' (the old ones are kept in the
+            metadata as original_caption / original_short_caption). 429, 5xx, timeouts and
+            malformed replies are retried with exponential backoff (Retry-After honoured);
+            images that still fail are left out and counted (rerun to retry them). Every
+            caption received goes at once to the --cache JSONL, so a rerun after a crash or
+            Ctrl-C never captions an image twice. The output folder appears only when the run
+            completes."""),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", required=True,
+                   help="input lens records (folder, glob, file or comma-separated list)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--endpoint", required=True,
+                   help="base URL of the API, e.g. http://127.0.0.1:8000/v1 "
+                        "(/chat/completions is appended)")
+    p.add_argument("--model", required=True, help="model name sent in each request")
+    p.add_argument("--api-key-env", default=None,
+                   help="environment variable holding the API key (sent as a Bearer token; "
+                        "default: no key)")
+    p.add_argument("--concurrency", type=_positive_int, default=8,
+                   help="requests in flight at once (default 8)")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="retries of one request after 429/5xx/timeout/malformed reply (default 5)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for one reply (default 120)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="seconds before the first retry, doubled each retry, at most 60 "
+                        "(default 1; a Retry-After header overrides it)")
+    p.add_argument("--cache", default=None,
+                   help="JSONL cache of received captions (default: OUT.captions.jsonl beside "
+                        "--out); reused by reruns")
+    p.add_argument("--num-shards", type=_positive_int, default=None,
+                   help="output shards (default: as many as the input)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_caption)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from lens_jax import output_guard
+    from lens_jax.data.caption import CaptionConfig, caption_records
+
+    cache = args.cache or os.path.normpath(args.out) + ".captions.jsonl"
+    check_records_output(args, {"--records": args.records, "--cache": cache}, "lens-data caption")
+    output_guard.check_output(cache, {"--out": args.out, "--records": args.records}, "--cache")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {args.api_key_env}: the variable is not set")
+    cfg = CaptionConfig(endpoint=args.endpoint, model=args.model, api_key=api_key,
+                        concurrency=args.concurrency, max_retries=args.max_retries,
+                        timeout=args.timeout, backoff=args.backoff)
+    with output_guard.interrupts_raise():
+        report = caption_records(args.records, args.out, cfg, cache,
+                                 num_shards=args.num_shards, overwrite=args.overwrite,
+                                 show_progress=not args.no_progress)
+    print(f"wrote {args.out} (captions cached in {cache})")
+    print(report.format())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable] = [add_build, add_inspect, add_synth_shapes, add_tfds_prepare,
+                               add_caption]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (RecordError, FileExistsError, ValueError) as e:
+    except (RecordError, FileExistsError, ValueError, CaptionError) as e:
         print(f"lens-data {args.command}: error: {e}", file=sys.stderr)
         return 2
 

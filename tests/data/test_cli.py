@@ -151,7 +151,8 @@ def test_aspect_bins():
     assert cli.aspect_bin(100, 300) == "<1:2"
 
 
-@pytest.mark.parametrize("command", ["build", "inspect", "synth-shapes", "tfds-prepare"])
+@pytest.mark.parametrize("command", ["build", "inspect", "synth-shapes", "tfds-prepare",
+                                     "caption"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
