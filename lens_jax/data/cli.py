@@ -69,6 +69,9 @@ def add_build(subparsers) -> None:
                    help="processes reading and checking images (default: CPU count, at most 8)")
     p.add_argument("--source", default="",
                    help="source tag stored in every record (default: the image folder's name)")
+    p.add_argument("--dedup", action="store_true",
+                   help="drop images whose bytes (sha256) equal an earlier image's; the report "
+                        "counts them as 'duplicate image'")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_build)
@@ -93,7 +96,8 @@ def run_build(args: argparse.Namespace) -> int:
     source = args.source or os.path.basename(os.path.normpath(args.images))
     report = build_records(args.images, args.out, captions_file=args.captions,
                            num_shards=args.num_shards, workers=args.workers, source=source,
-                           overwrite=args.overwrite, show_progress=not args.no_progress)
+                           overwrite=args.overwrite, show_progress=not args.no_progress,
+                           dedup=args.dedup)
     print(f"wrote {args.out} ({len(list_shards(args.out))} shard(s), source {source!r})")
     print(report.format())
     return 0
@@ -266,7 +270,8 @@ def run_synth_shapes(args: argparse.Namespace) -> int:
     check_records_output(args, {}, "lens-data synth-shapes")
     shards = write_dataset(args.out, args.num, seed=args.seed, base_size=args.base_size,
                            groups=groups, num_shards=args.num_shards, workers=args.workers,
-                           overwrite=args.overwrite, show_progress=not args.no_progress)
+                           overwrite=args.overwrite, show_progress=not args.no_progress,
+                           dedup=args.dedup)
     print(f"wrote {args.num} synthetic examples to {args.out} ({len(shards)} shard(s))")
     return 0
 
