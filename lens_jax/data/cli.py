@@ -55,9 +55,42 @@ def add_build(subparsers) -> None:
             empty or not UTF-8, and malformed rows are skipped; the report counts them by reason
             and names them (file and line for rows). With fewer images than --num-shards, one
             shard per image is written (no empty shards). --out may not contain, equal or lie
-            inside --images or --captions; --overwrite replaces only a folder of lens records."""),
+            inside an input; --overwrite replaces only a folder of lens records.
+
+            Other inputs (instead of --images; every path may be gs://): WebDataset tar shards
+            as img2dataset writes them (--webdataset 'shards/{00000..00099}.tar': KEY.jpg/png/
+            webp with the caption in KEY.txt, or in a field of KEY.json with --caption-field,
+            optionally KEY.short.txt); parquet files with image bytes and caption columns
+            (--parquet, --image-column, --caption-column; Hugging Face's Image struct
+            {bytes, path} is read too); a Hugging Face dataset saved with save_to_disk
+            (--hf-dataset, read with pyarrow). Unreadable files and tar members, samples
+            without an image and rows without image bytes are skipped and counted too."""),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", help="folder of images (searched recursively)")
+    inputs.add_argument("--webdataset", nargs="+", metavar="PATTERN",
+                        help="WebDataset tar shards: files, globs or brace patterns "
+                             "('shards/{00000..00099}.tar'; quote them)")
+    inputs.add_argument("--parquet", nargs="+", metavar="FILE",
+                        help="parquet files (or globs / brace patterns), one image per row")
+    inputs.add_argument("--hf-dataset", metavar="DIR",
+                        help="a Hugging Face dataset saved with save_to_disk (Dataset or "
+                             "DatasetDict folder; for one on the Hub, pass its parquet files to "
+                             "--parquet)")
+    p.add_argument("--caption-field", default=None,
+                   help="--webdataset: take the caption from this field of KEY.json (default: "
+                        "KEY.txt, else the json's 'caption')")
+    p.add_argument("--image-column", default="image",
+                   help="--parquet/--hf-dataset: column of encoded image bytes (default image)")
+    p.add_argument("--caption-column", default="caption",
+                   help="--parquet/--hf-dataset: caption column (default caption)")
+    p.add_argument("--short-caption-column", default=None,
+                   help="--parquet/--hf-dataset: short caption column (default: none)")
+    p.add_argument("--id-column", default="key",
+                   help="--parquet/--hf-dataset: column of record ids, used when present "
+                        "(default key, img2dataset's; otherwise FILE:ROW)")
+    p.add_argument("--hf-split", default="train",
+                   help="--hf-dataset: the split of a DatasetDict (default train)")
     p.add_argument("--captions", default=None,
                    help="JSONL/CSV/TSV file of path, caption[, short_caption]; paths relative to "
                         "--images or absolute (default: IMG.txt / IMG.short.txt beside each image)")
@@ -68,7 +101,8 @@ def add_build(subparsers) -> None:
     p.add_argument("--workers", type=_positive_int, default=_default_workers(),
                    help="processes reading and checking images (default: CPU count, at most 8)")
     p.add_argument("--source", default="",
-                   help="source tag stored in every record (default: the image folder's name)")
+                   help="source tag stored in every record (default: the name of the input "
+                        "folder, or of the folder holding the first input file)")
     p.add_argument("--dedup", action="store_true",
                    help="drop images whose bytes (sha256) equal an earlier image's; the report "
                         "counts them as 'duplicate image'")
@@ -87,17 +121,48 @@ def check_records_output(args: argparse.Namespace, inputs: dict, command: str) -
         output_guard.check_replaceable(args.out, OUTPUT_PATTERNS, command)
 
 
+def build_inputs(args: argparse.Namespace):
+    """``(items, inputs, name)`` of ``lens-data build``'s other inputs: the stream of items, the
+    input paths (for the output checks) and a name for errors and the default source tag."""
+    from lens_jax.data import sources
+
+    if args.webdataset:
+        files = sources.expand_paths(args.webdataset, "--webdataset")
+        return (sources.iter_webdataset(files, args.caption_field),
+                {"--webdataset": files}, os.path.dirname(files[0]))
+    if args.parquet:
+        files = sources.expand_paths(args.parquet, "--parquet")
+        return (sources.iter_parquet(files, args.image_column, args.caption_column,
+                                     args.short_caption_column, args.id_column),
+                {"--parquet": files}, os.path.dirname(files[0]))
+    return (sources.iter_hf_dataset(args.hf_dataset, args.hf_split, args.image_column,
+                                    args.caption_column, args.short_caption_column,
+                                    args.id_column),
+            {"--hf-dataset": [args.hf_dataset]}, args.hf_dataset)
+
+
 def run_build(args: argparse.Namespace) -> int:
-    from lens_jax.data.build import build_records
+    from lens_jax.data.build import build_records, write_items
     from lens_jax.data.records import list_shards
 
-    check_records_output(args, {"--images": args.images, "--captions": args.captions},
-                         "lens-data build")
-    source = args.source or os.path.basename(os.path.normpath(args.images))
-    report = build_records(args.images, args.out, captions_file=args.captions,
-                           num_shards=args.num_shards, workers=args.workers, source=source,
-                           overwrite=args.overwrite, show_progress=not args.no_progress,
-                           dedup=args.dedup)
+    if args.images is not None:
+        check_records_output(args, {"--images": args.images, "--captions": args.captions},
+                             "lens-data build")
+        source = args.source or os.path.basename(os.path.normpath(args.images))
+        report = build_records(args.images, args.out, captions_file=args.captions,
+                               num_shards=args.num_shards, workers=args.workers, source=source,
+                               overwrite=args.overwrite, show_progress=not args.no_progress,
+                               dedup=args.dedup)
+    else:
+        if args.captions:
+            raise ValueError("--captions goes with --images only")
+        items, inputs, name = build_inputs(args)
+        check_records_output(args, {f"{flag} {p}": p for flag, paths in inputs.items()
+                                    for p in paths}, "lens-data build")
+        source = args.source or os.path.basename(os.path.normpath(name)) or "data"
+        report = write_items(items, args.out, what=name, num_shards=args.num_shards,
+                             workers=args.workers, source=source, overwrite=args.overwrite,
+                             show_progress=not args.no_progress, dedup=args.dedup)
     print(f"wrote {args.out} ({len(list_shards(args.out))} shard(s), source {source!r})")
     print(report.format())
     return 0
