@@ -7,6 +7,8 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import signal
 import threading
 import time
 
@@ -43,6 +45,7 @@ class FakeVLM:
     def __init__(self):
         self.faults: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
         self.fail_after: int | None = None
+        self.sigint_after: int | None = None  # after answering the n-th request: Ctrl-C
         self.seen: list[tuple[str, str]] = []        # every request: (sha, kind)
         self.answered: collections.Counter = collections.Counter()  # 200 replies with a caption
         self.lock = threading.Lock()
@@ -84,6 +87,8 @@ class FakeVLM:
                          "usage": {"prompt_tokens": 100, "completion_tokens": len(text.split()),
                                    "total_tokens": 100 + len(text.split())}}
                 self._send(200, json.dumps(reply).encode())
+                if fake.sigint_after is not None and len(fake.seen) == fake.sigint_after:
+                    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
 
             def _send(self, status, payload, headers=None):
                 try:
@@ -206,6 +211,21 @@ def test_crash_and_resume_never_captions_twice(input_records, tmp_path, fake_vlm
     assert len(fake_vlm.seen) > 10
     assert len(list(records.read_examples(str(out)))) == 5
     assert all(ex.caption.startswith("A dense caption") for ex in records.read_examples(str(out)))
+
+
+def test_ctrl_c_leaves_no_output_and_resumes(input_records, tmp_path, fake_vlm, capsys):
+    records_dir, _ = input_records
+    fake_vlm.sigint_after = 3
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _caption(capsys, records_dir, out, fake_vlm, "--concurrency", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out.captions.jsonl"]
+    cached = len((tmp_path / "out.captions.jsonl").read_text().splitlines())
+    assert 3 <= cached < 10
+    fake_vlm.sigint_after = None
+    code, stdout, _ = _caption(capsys, records_dir, out, fake_vlm)
+    assert code == 0 and f"({cached} caption(s) from the cache)" in stdout
+    assert len(fake_vlm.answered) == 10 and set(fake_vlm.answered.values()) == {1}
 
 
 def test_output_guard_and_api_key(input_records, tmp_path, fake_vlm, capsys, monkeypatch):
