@@ -335,8 +335,7 @@ def run_synth_shapes(args: argparse.Namespace) -> int:
     check_records_output(args, {}, "lens-data synth-shapes")
     shards = write_dataset(args.out, args.num, seed=args.seed, base_size=args.base_size,
                            groups=groups, num_shards=args.num_shards, workers=args.workers,
-                           overwrite=args.overwrite, show_progress=not args.no_progress,
-                           dedup=args.dedup)
+                           overwrite=args.overwrite, show_progress=not args.no_progress)
     print(f"wrote {args.num} synthetic examples to {args.out} ({len(shards)} shard(s))")
     return 0
 
