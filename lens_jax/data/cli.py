@@ -420,8 +420,9 @@ def add_caption(subparsers) -> None:
                    help="seconds before the first retry, doubled each retry, at most 60 "
                         "(default 1; a Retry-After header overrides it)")
     p.add_argument("--cache", default=None,
-                   help="JSONL cache of received captions (default: OUT.captions.jsonl beside "
-                        "--out); reused by reruns")
+                   help="local JSONL cache of received captions, reused by reruns (default: "
+                        "OUT.captions.jsonl beside --out; for a gs:// --out under "
+                        "$LENS_CACHE_DIR/captions/)")
     p.add_argument("--num-shards", type=_positive_int, default=None,
                    help="output shards (default: as many as the input)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -429,11 +430,22 @@ def add_caption(subparsers) -> None:
     p.set_defaults(func=run_caption)
 
 
+def default_caption_cache(out: str) -> str:
+    """``OUT.captions.jsonl`` beside a local ``--out``; for ``gs://`` (no appends there) the same
+    name under the local cache, ``$LENS_CACHE_DIR/captions/BUCKET/PATH.captions.jsonl``."""
+    from lens_jax import storage
+
+    out = out.rstrip("/")
+    if storage.is_remote(out):
+        return os.fspath(storage.cache_dir() / "captions" / out[len("gs://"):]) + ".captions.jsonl"
+    return os.path.normpath(out) + ".captions.jsonl"
+
+
 def run_caption(args: argparse.Namespace) -> int:
     from lens_jax import output_guard
     from lens_jax.data.caption import CaptionConfig, caption_records
 
-    cache = args.cache or os.path.normpath(args.out) + ".captions.jsonl"
+    cache = args.cache or default_caption_cache(args.out)
     check_records_output(args, {"--records": args.records, "--cache": cache}, "lens-data caption")
     output_guard.check_output(cache, {"--out": args.out, "--records": args.records}, "--cache")
     api_key = None

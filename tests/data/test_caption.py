@@ -267,3 +267,10 @@ def test_retry_delay():
     assert caption.retry_delay(20, 1.0, "garbage") == caption.MAX_BACKOFF
     when = "Wed, 21 Oct 2015 07:28:00 GMT"  # in the past
     assert caption.retry_delay(0, 1.0, when) == 0.0
+
+
+def test_default_cache_is_local(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.default_caption_cache("gs://bucket/dense/") == str(
+        tmp_path / "cache" / "captions" / "bucket" / "dense.captions.jsonl")
+    assert cli.default_caption_cache("out/dense/") == "out/dense.captions.jsonl"

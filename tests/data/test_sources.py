@@ -210,3 +210,16 @@ def test_other_inputs_never_overlap_the_output(shards, tmp_path, capsys):
     code, _, stderr = _run(capsys, "build", "--webdataset", f"{folder}/00000.tar", "--captions",
                            tmp_path / "c.jsonl", "--out", tmp_path / "o", "--no-progress")
     assert code == 2 and "--captions goes with --images only" in stderr
+
+
+def test_missing_shard_in_a_range_is_skipped(shards, tmp_path, capsys):
+    folder, _ = shards
+    (folder / "00002.tar").rename(folder / "00003.tar")  # 00002 missing in 00000..00003
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(capsys, "build", "--webdataset", f"{folder}/{{00000..00003}}.tar",
+                                "--out", out, "--workers", 1, "--no-progress")
+    assert code == 0, stderr
+    assert "unreadable input file: 2" in stdout and "00002.tar (FileNotFoundError" in stdout
+    code, _, stderr = _run(capsys, "build", "--webdataset", f"{folder}/{{00000..00004}}.tar",
+                           "--out", tmp_path / "o2", "--no-progress")
+    assert code == 2 and "00004.tar: no such file" in stderr
