@@ -57,14 +57,16 @@ def add_build(subparsers) -> None:
             shard per image is written (no empty shards). --out may not contain, equal or lie
             inside an input; --overwrite replaces only a folder of lens records.
 
-            Other inputs (instead of --images; every path may be gs://): WebDataset tar shards
+            Other inputs (instead of --images; every path but --tfds may be gs://): WebDataset tar shards
             as img2dataset writes them (--webdataset 'shards/{00000..00099}.tar': KEY.jpg/png/
             webp with the caption in KEY.txt, or in a field of KEY.json with --caption-field,
             optionally KEY.short.txt); parquet files with image bytes and caption columns
             (--parquet, --image-column, --caption-column; Hugging Face's Image struct
             {bytes, path} is read too); a Hugging Face dataset saved with save_to_disk
-            (--hf-dataset, read with pyarrow). Unreadable files and tar members, samples
-            without an image and rows without image bytes are skipped and counted too."""),
+            (--hf-dataset, read with pyarrow); a TFDS dataset prepared as ArrayRecord (--tfds
+            tfds:NAME[:SPLIT][@DATA_DIR], features by flattened name). Unreadable files, tar
+            members and records, samples without an image and rows without image bytes are
+            skipped and counted too."""),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", help="folder of images (searched recursively)")
@@ -77,18 +79,23 @@ def add_build(subparsers) -> None:
                         help="a Hugging Face dataset saved with save_to_disk (Dataset or "
                              "DatasetDict folder; for one on the Hub, pass its parquet files to "
                              "--parquet)")
+    inputs.add_argument("--tfds", metavar="SPEC",
+                        help="a TFDS dataset prepared as ArrayRecord: tfds:NAME[:SPLIT][@DATA_DIR] "
+                             "(features by flattened name: --image-column image, "
+                             "--caption-column e.g. captions/text)")
     p.add_argument("--caption-field", default=None,
                    help="--webdataset: take the caption from this field of KEY.json (default: "
                         "KEY.txt, else the json's 'caption')")
     p.add_argument("--image-column", default="image",
-                   help="--parquet/--hf-dataset: column of encoded image bytes (default image)")
+                   help="--parquet/--hf-dataset/--tfds: column (feature) of encoded image bytes "
+                        "(default image)")
     p.add_argument("--caption-column", default="caption",
-                   help="--parquet/--hf-dataset: caption column (default caption)")
+                   help="--parquet/--hf-dataset/--tfds: caption column (default caption)")
     p.add_argument("--short-caption-column", default=None,
-                   help="--parquet/--hf-dataset: short caption column (default: none)")
+                   help="--parquet/--hf-dataset/--tfds: short caption column (default: none)")
     p.add_argument("--id-column", default="key",
-                   help="--parquet/--hf-dataset: column of record ids, used when present "
-                        "(default key, img2dataset's; otherwise FILE:ROW)")
+                   help="--parquet/--hf-dataset/--tfds: column of record ids, used when present "
+                        "(default key, img2dataset's; otherwise FILE:ROW or NAME:INDEX)")
     p.add_argument("--hf-split", default="train",
                    help="--hf-dataset: the split of a DatasetDict (default train)")
     p.add_argument("--captions", default=None,
@@ -135,6 +142,14 @@ def build_inputs(args: argparse.Namespace):
         return (sources.iter_parquet(files, args.image_column, args.caption_column,
                                      args.short_caption_column, args.id_column),
                 {"--parquet": files}, os.path.dirname(files[0]))
+    if args.tfds:
+        from lens_jax.data.tfds_builder import parse_spec
+
+        name, _, data_dir = parse_spec(args.tfds)
+        paths = [p for p in (data_dir, name if os.path.isdir(name) else None) if p]
+        return (sources.iter_tfds(args.tfds, args.image_column, args.caption_column,
+                                  args.short_caption_column, args.id_column),
+                {"--tfds": paths}, name)
     return (sources.iter_hf_dataset(args.hf_dataset, args.hf_split, args.image_column,
                                     args.caption_column, args.short_caption_column,
                                     args.id_column),

@@ -9,6 +9,11 @@
   feature, a struct ``{bytes, path}``, is read too).
 - A Hugging Face dataset saved with ``save_to_disk`` (its Arrow files, read with pyarrow; the
   ``datasets`` library is not needed), or the parquet files of one on the Hub (``--parquet``).
+- A TFDS dataset prepared as ArrayRecord (``tfds:NAME[:SPLIT][@DATA_DIR]``, read through
+  ``lens_jax.data.tfds_builder.tfds_source`` without TensorFlow): its ``tf.train.Example``
+  records, the image feature (``tfds.features.Image`` stores the encoded bytes) and a text
+  feature by their flattened names (``image``, ``captions/text``; a feature holding several
+  values gives its first).
 
 Each item carries the encoded image bytes; ``lens_jax.data.build.load_bytes`` makes the records,
 exactly as for an image folder. Nothing here is fatal but a wrong flag (a column that does not
@@ -38,6 +43,7 @@ UNREADABLE_FILE = "unreadable input file"
 UNREADABLE_MEMBER = "unreadable tar member"
 NO_IMAGE = "no image in sample"
 NO_IMAGE_BYTES = "no image bytes"
+BAD_TFDS_RECORD = "unreadable TFDS record"
 
 # Member extensions taken as the image of a WebDataset sample; load_bytes rejects the formats
 # the build does not store (gif, bmp, tiff) by name.
@@ -321,3 +327,70 @@ def _iter_arrow_files(files: list[str], image_column: str, caption_column: str,
         except Exception as e:  # corrupt Arrow data
             yield Skip(os.fspath(path), UNREADABLE_FILE,
                        f"{type(e).__name__}: {e} (after {done} row(s))")
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS (ArrayRecord)
+
+
+def _first_value(feature_map, key: str | None) -> Any:
+    """The first value of feature ``key`` of a ``tf.train.Example`` (``None``: absent or empty)."""
+    if key is None or key not in feature_map:
+        return None
+    feature = feature_map[key]
+    kind = feature.WhichOneof("kind")
+    values = getattr(feature, kind).value if kind else []
+    return values[0] if len(values) else None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8").strip() if isinstance(value, bytes) else str(value).strip()
+
+
+def iter_tfds(spec: str, image_column: str = "image", caption_column: str = "caption",
+              short_column: str | None = None, id_column: str | None = None
+              ) -> Iterator[Item | Skip]:
+    """The examples of an ArrayRecord TFDS dataset (``tfds:NAME[:SPLIT][@DATA_DIR]``) as items;
+    ids from ``id_column`` when the records have it, else ``NAME:INDEX``. A dataset that is not
+    found or not ArrayRecord raises ``RecordError`` at once."""
+    from lens_jax.data import tfds_builder
+
+    source = tfds_builder.tfds_source_from_spec(spec)
+    name = os.path.basename(os.path.normpath(tfds_builder.parse_spec(spec)[0]))
+    return _iter_tf_examples(source, spec, name, image_column, caption_column, short_column,
+                             id_column)
+
+
+def _iter_tf_examples(source, spec: str, name: str, image_column: str, caption_column: str,
+                      short_column: str | None, id_column: str | None) -> Iterator[Item | Skip]:
+    from google.protobuf.message import DecodeError
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    checked = False
+    for index in range(len(source)):
+        item_id = f"{name}:{index}"
+        try:
+            features = tf_example_pb2.Example.FromString(source[index]).features.feature
+        except DecodeError as e:
+            yield Skip(item_id, BAD_TFDS_RECORD, f"not a tf.train.Example ({e})")
+            continue
+        if not checked:
+            _check_columns(spec, sorted(features), {"--image-column": image_column,
+                                                    "--caption-column": caption_column,
+                                                    "--short-caption-column": short_column})
+            checked = True
+        key = _first_value(features, id_column)
+        item_id = _text(key) or item_id
+        data = _first_value(features, image_column)
+        if not isinstance(data, bytes) or not data:
+            yield Skip(item_id, NO_IMAGE_BYTES, f"feature {image_column!r} holds no bytes")
+            continue
+        try:
+            caption = _text(_first_value(features, caption_column))
+            short = _text(_first_value(features, short_column)) or ""
+        except UnicodeDecodeError as e:
+            yield Skip(item_id, UNDECODABLE_CAPTION, f"feature {caption_column!r}: {e}")
+            continue
+        yield Item(path="", id=item_id, caption=caption, short_caption=short, data=data)

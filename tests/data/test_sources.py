@@ -223,3 +223,50 @@ def test_missing_shard_in_a_range_is_skipped(shards, tmp_path, capsys):
     code, _, stderr = _run(capsys, "build", "--webdataset", f"{folder}/{{00000..00004}}.tar",
                            "--out", tmp_path / "o2", "--no-progress")
     assert code == 2 and "00004.tar: no such file" in stderr
+
+
+def test_tfds_array_record_dataset(shards, tmp_path, capsys):
+    """A TFDS dataset with an Image feature and a sequence of captions, prepared as ArrayRecord
+    (no TensorFlow involved), read by feature name."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+    from etils import epath
+
+    _, images = shards
+    pictures = [images["png"], images["jpg"], b"not an image"]
+
+    class Pictures(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        @tfds.core.utils.classproperty
+        @classmethod
+        def code_path(cls):  # as in lens_jax.data.tfds_builder: no importlib_resources lookup
+            return epath.Path(__file__)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="png"),
+                "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+                "image/id": tfds.features.Scalar(np.int64)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, data in enumerate(pictures):
+                yield i, {"image": data, "image/id": 100 + i,
+                          "captions": {"text": [f"first caption {i}", f"second {i}"]}}
+
+    Pictures(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(capsys, "build", "--tfds", f"tfds:pictures:train@{tmp_path}/tfds",
+                                "--caption-column", "captions/text", "--id-column", "image/id",
+                                "--out", out, "--workers", 1, "--no-progress")
+    assert code == 0, stderr
+    built = {e.id: e for e in records.read_examples(str(out))}
+    assert sorted(built) == ["100", "101"] and built["101"].image_bytes == images["jpg"]
+    assert built["100"].caption == "first caption 0" and built["100"].source == "pictures"
+    assert "unreadable or corrupt image: 1" in stdout and "102 (not an image file" in stdout
+    code, _, stderr = _run(capsys, "build", "--tfds", f"tfds:pictures@{tmp_path}/tfds", "--out",
+                           tmp_path / "o2", "--no-progress")
+    assert code == 2 and "no column 'caption' (--caption-column); columns: captions/text" in stderr
