@@ -77,26 +77,33 @@ class BuildReport:
     written: int = 0
     skipped: dict[str, list[Skip]] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(list))
+    # Skips counted but not kept in ``skipped`` (the Beam build keeps the first few per reason).
+    unlisted: dict[str, int] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(int))
 
     def add_skip(self, skip: Skip) -> None:
         self.skipped[skip.reason].append(skip)
 
+    def counts(self) -> dict[str, int]:
+        """Skips per reason, sorted by reason."""
+        return {reason: len(self.skipped.get(reason, ())) + self.unlisted.get(reason, 0)
+                for reason in sorted({*self.skipped, *self.unlisted})}
+
     @property
     def num_skipped(self) -> int:
-        return sum(len(v) for v in self.skipped.values())
+        return sum(self.counts().values())
 
     def summary(self) -> dict[str, Any]:
-        return {"written": self.written,
-                "skipped": {reason: len(v) for reason, v in sorted(self.skipped.items())}}
+        return {"written": self.written, "skipped": self.counts()}
 
     def format(self, max_listed: int = 5) -> str:
         lines = [f"written: {self.written}", f"skipped: {self.num_skipped}"]
-        for reason, skips in sorted(self.skipped.items()):
-            lines.append(f"  {reason}: {len(skips)}")
-            for skip in skips[:max_listed]:
+        for reason, count in self.counts().items():
+            lines.append(f"  {reason}: {count}")
+            for skip in self.skipped.get(reason, [])[:max_listed]:
                 lines.append(f"    {skip.id}" + (f" ({skip.detail})" if skip.detail else ""))
-            if len(skips) > max_listed:
-                lines.append(f"    ... and {len(skips) - max_listed} more")
+            if count > max_listed:
+                lines.append(f"    ... and {count - max_listed} more")
         return "\n".join(lines)
 
 
@@ -427,9 +434,26 @@ def write_items(items: Iterable[Item | Skip], out_dir: str | os.PathLike, what: 
         write_shards(checked(), out_dir, num_shards, overwrite=overwrite,
                      extra_manifest=lambda: {"source": source, "build": report.summary()})
     except _NoExamples:
-        raise RecordError(f"{what}: every image was skipped, nothing written\n"
-                          f"{report.format()}") from None
+        raise nothing_written(what, report) from None
     return report
+
+
+def nothing_written(what: str, report: BuildReport) -> RecordError:
+    """The error of a build whose every image was skipped."""
+    return RecordError(f"{what}: every image was skipped, nothing written\n{report.format()}")
+
+
+def folder_items(images_dir: str | os.PathLike, captions_file: str | os.PathLike | None = None,
+                 ) -> list[Item | Skip]:
+    """What a folder build loads, in order: the entries skipped before reading any image, then
+    the items (``collect_items``); ``RecordError`` with the report when there is no item."""
+    items, early_skips = collect_items(images_dir, captions_file)
+    if not items:
+        report = BuildReport()
+        for skip in early_skips:
+            report.add_skip(skip)
+        raise RecordError(f"{images_dir}: no image to convert\n{report.format()}")
+    return [*early_skips, *items]
 
 
 def build_records(images_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -440,13 +464,8 @@ def build_records(images_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     Nothing is written when no image is usable (``RecordError``).
     """
-    items, early_skips = collect_items(images_dir, captions_file)
-    if not items:
-        report = BuildReport()
-        for skip in early_skips:
-            report.add_skip(skip)
-        raise RecordError(f"{images_dir}: no image to convert\n{report.format()}")
-    return write_items([*early_skips, *items], out_dir, what=str(images_dir),
-                       total=len(early_skips) + len(items), num_shards=num_shards,
+    items = folder_items(images_dir, captions_file)
+    return write_items(items, out_dir, what=str(images_dir), total=len(items),
+                       num_shards=num_shards,
                        workers=workers, source=source, overwrite=overwrite,
                        show_progress=show_progress, dedup=dedup)

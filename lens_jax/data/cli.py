@@ -66,7 +66,13 @@ def add_build(subparsers) -> None:
             (--hf-dataset, read with pyarrow); a TFDS dataset prepared as ArrayRecord (--tfds
             tfds:NAME[:SPLIT][@DATA_DIR], features by flattened name). Unreadable files, tar
             members and records, samples without an image and rows without image bytes are
-            skipped and counted too."""),
+            skipped and counted too.
+
+            The build is an Apache Beam pipeline: --runner DirectRunner (default) on this machine
+            in --workers processes, or DataflowRunner / FlinkRunner / SparkRunner with their
+            pipeline options (any flag not listed here is passed to Beam). The records, the
+            report and the shard layout are the same on every runner and with --runner local
+            (no Beam)."""),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", help="folder of images (searched recursively)")
@@ -106,7 +112,8 @@ def add_build(subparsers) -> None:
     p.add_argument("--num-shards", type=_positive_int, default=1,
                    help="number of ArrayRecord shards, examples go round-robin (default 1)")
     p.add_argument("--workers", type=_positive_int, default=_default_workers(),
-                   help="processes reading and checking images (default: CPU count, at most 8)")
+                   help="processes reading and checking images (DirectRunner and --runner "
+                        "local; default: CPU count, at most 8)")
     p.add_argument("--source", default="",
                    help="source tag stored in every record (default: the name of the input "
                         "folder, or of the folder holding the first input file)")
@@ -114,8 +121,14 @@ def add_build(subparsers) -> None:
                    help="drop images whose bytes (sha256) equal an earlier image's; the report "
                         "counts them as 'duplicate image'")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_build)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--runner local)")
+    p.add_argument("--runner", default="DirectRunner",
+                   help="Apache Beam runner (default DirectRunner: --workers processes on this "
+                        "machine; DataflowRunner, FlinkRunner, SparkRunner, ...: any other Beam "
+                        "pipeline option, e.g. --project, --region, --temp_location, "
+                        "--setup_file, is passed to the pipeline as given), or 'local': the same "
+                        "records with a process pool and a progress bar, without Beam")
+    p.set_defaults(func=run_build, accepts_pipeline_args=True)
 
 
 def check_records_output(args: argparse.Namespace, inputs: dict, command: str) -> None:
@@ -129,55 +142,69 @@ def check_records_output(args: argparse.Namespace, inputs: dict, command: str) -
 
 
 def build_inputs(args: argparse.Namespace):
-    """``(items, inputs, name)`` of ``lens-data build``'s other inputs: the stream of items, the
-    input paths (for the output checks) and a name for errors and the default source tag."""
-    from lens_jax.data import sources
+    """``(parts, read_part, inputs, name)`` of ``lens-data build``: the input in parts (a file,
+    or a slice of an image folder) that ``read_part`` turns into items in order, the input paths
+    (for the output checks) and a name for errors and the default source tag."""
+    import functools
 
+    from lens_jax.data import beam_build, sources
+    from lens_jax.data.build import folder_items
+
+    if args.images is not None:
+        return (beam_build.chunks(folder_items(args.images, args.captions)), beam_build.read_list,
+                {"--images": args.images, "--captions": args.captions}, args.images)
+    if args.captions:
+        raise ValueError("--captions goes with --images only")
     if args.webdataset:
         files = sources.expand_paths(args.webdataset, "--webdataset")
-        return (sources.iter_webdataset(files, args.caption_field),
-                {"--webdataset": files}, os.path.dirname(files[0]))
+        return (files, functools.partial(beam_build.read_files, sources.iter_webdataset,
+                                         caption_field=args.caption_field),
+                {f"--webdataset {p}": p for p in files}, os.path.dirname(files[0]))
+    columns = dict(image_column=args.image_column, caption_column=args.caption_column,
+                   short_column=args.short_caption_column, id_column=args.id_column)
     if args.parquet:
         files = sources.expand_paths(args.parquet, "--parquet")
-        return (sources.iter_parquet(files, args.image_column, args.caption_column,
-                                     args.short_caption_column, args.id_column),
-                {"--parquet": files}, os.path.dirname(files[0]))
+        return (files, functools.partial(beam_build.read_files, sources.iter_parquet, **columns),
+                {f"--parquet {p}": p for p in files}, os.path.dirname(files[0]))
     if args.tfds:
         from lens_jax.data.tfds_builder import parse_spec
 
         name, _, data_dir = parse_spec(args.tfds)
         paths = [p for p in (data_dir, name if os.path.isdir(name) else None) if p]
-        return (sources.iter_tfds(args.tfds, args.image_column, args.caption_column,
-                                  args.short_caption_column, args.id_column),
-                {"--tfds": paths}, name)
-    return (sources.iter_hf_dataset(args.hf_dataset, args.hf_split, args.image_column,
-                                    args.caption_column, args.short_caption_column,
-                                    args.id_column),
-            {"--hf-dataset": [args.hf_dataset]}, args.hf_dataset)
+        return ([args.tfds], functools.partial(sources.iter_tfds, **columns),
+                {f"--tfds {p}": p for p in paths}, name)
+    return ([args.hf_dataset], functools.partial(sources.iter_hf_dataset, split=args.hf_split,
+                                                 **columns),
+            {f"--hf-dataset {args.hf_dataset}": args.hf_dataset}, args.hf_dataset)
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from lens_jax.data.build import build_records, write_items
+    import itertools
+
     from lens_jax.data.records import list_shards
 
-    if args.images is not None:
-        check_records_output(args, {"--images": args.images, "--captions": args.captions},
-                             "lens-data build")
-        source = args.source or os.path.basename(os.path.normpath(args.images))
-        report = build_records(args.images, args.out, captions_file=args.captions,
-                               num_shards=args.num_shards, workers=args.workers, source=source,
-                               overwrite=args.overwrite, show_progress=not args.no_progress,
-                               dedup=args.dedup)
+    if args.runner == "local" and args.pipeline_args:
+        raise ValueError(f"--runner local takes no Beam pipeline options: "
+                         f"{' '.join(args.pipeline_args)}")
+    parts, read_part, inputs, name = build_inputs(args)
+    check_records_output(args, inputs, "lens-data build")
+    source = args.source or os.path.basename(os.path.normpath(name)) or "data"
+    if args.runner == "local":
+        from lens_jax.data.build import write_items
+
+        items = itertools.chain.from_iterable(read_part(part) for part in parts)
+        total = sum(map(len, parts)) if args.images is not None else None
+        report = write_items(items, args.out, what=name, total=total,
+                             num_shards=args.num_shards, workers=args.workers, source=source,
+                             overwrite=args.overwrite, show_progress=not args.no_progress,
+                             dedup=args.dedup)
     else:
-        if args.captions:
-            raise ValueError("--captions goes with --images only")
-        items, inputs, name = build_inputs(args)
-        check_records_output(args, {f"{flag} {p}": p for flag, paths in inputs.items()
-                                    for p in paths}, "lens-data build")
-        source = args.source or os.path.basename(os.path.normpath(name)) or "data"
-        report = write_items(items, args.out, what=name, num_shards=args.num_shards,
-                             workers=args.workers, source=source, overwrite=args.overwrite,
-                             show_progress=not args.no_progress, dedup=args.dedup)
+        from lens_jax.data import beam_build
+
+        report, _ = beam_build.run(parts, read_part, args.out, what=name,
+                                   num_shards=args.num_shards, source=source, dedup=args.dedup,
+                                   overwrite=args.overwrite, workers=args.workers,
+                                   pipeline_args=["--runner", args.runner, *args.pipeline_args])
     print(f"wrote {args.out} ({len(list_shards(args.out))} shard(s), source {source!r})")
     print(report.format())
     return 0
@@ -498,7 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``lens-data``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, pipeline_args = parser.parse_known_args(argv)
+    if pipeline_args and not getattr(args, "accepts_pipeline_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(pipeline_args)}")
+    args.pipeline_args = pipeline_args
     try:
         return int(args.func(args) or 0)
     except (RecordError, FileExistsError, ValueError, CaptionError) as e:

@@ -21,6 +21,15 @@ def test_build_from_gs_webdataset_and_parquet(gcs_bucket, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert sorted((e.id, e.caption) for e in records.read_examples(str(tmp_path / "wds"))) == [
         ("00000/0", "image 0"), ("00001/1", "image 1")]
+    # A gs:// output on Beam: shards written under gs://.../.wds.tmp-ID, then copied, manifest last.
+    code = cli.main(["build", "--webdataset", f"{gcs_bucket}/shards/{{00000..00001}}.tar",
+                     "--out", f"{gcs_bucket}/records/wds", "--workers", "1", "--num-shards", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert storage.listdir(f"{gcs_bucket}/records") == ["wds"]  # no temporary folder left
+    assert storage.listdir(f"{gcs_bucket}/records/wds") == sorted(
+        [records.shard_name("data", i, 2) for i in range(2)] + [records.MANIFEST_NAME])
+    assert sorted(e.id for e in records.read_examples(f"{gcs_bucket}/records/wds")) == [
+        "00000/0", "00001/1"]
 
     buffer = io.BytesIO()
     pq.write_table(pa.table({"image": [_img("JPEG")], "caption": ["a jpeg"]}), buffer)
