@@ -242,10 +242,14 @@ def output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
 
 def counters(result) -> dict[str, int]:
     """The build's Beam counters of a finished pipeline ``result`` (reason or ``written`` ->
-    committed count; attempted where the runner has no committed values)."""
+    committed count; attempted where the runner has no committed values; ``{}`` where it cannot
+    be queried: the report does not depend on them)."""
     from apache_beam.metrics.metric import MetricsFilter
 
-    found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except (NotImplementedError, AttributeError, RuntimeError):
+        return {}
     return {c.key.metric.name: (c.committed if c.committed is not None else c.attempted)
             for c in found}
 
