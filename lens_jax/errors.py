@@ -31,6 +31,15 @@ class RecordError(ValueError):
     """
 
 
+class CaptionError(RuntimeError):
+    """The captioning endpoint refuses every request (HTTP 401, 403 or 404: a wrong key, model or
+    URL), so ``lens-data caption`` stops; what was captioned so far stays in its cache.
+
+    Raised by ``lens_jax.data.caption``. Check ``--endpoint``, ``--model`` and the variable named by
+    ``--api-key-env``, then run the same command again: it resumes from the cache.
+    """
+
+
 class OutputError(ValueError):
     """An output path would destroy an input or files the command did not write.
 

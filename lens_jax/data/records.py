@@ -294,21 +294,29 @@ def write_shards(examples: Iterable[Example], out_dir: str | os.PathLike, num_sh
             for i, name in enumerate(names):
                 os.replace(tmp / shard_name(prefix, i, num_shards), tmp / name)
             counts = counts[:kept]
-        manifest = {
-            "format": "lens_records",
-            "schema_version": SCHEMA_VERSION,
-            "num_examples": sum(counts),
-            "shards": dict(zip(names, counts)),
-        }
         if callable(extra_manifest):
             extra_manifest = extra_manifest()
-        if extra_manifest:
-            manifest.update(extra_manifest)
-        with open(tmp / MANIFEST_NAME, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_manifest(tmp, dict(zip(names, counts)), extra_manifest)
     out = Path(out_dir).absolute()
     return [str(out / name) for name in names]
+
+
+def write_manifest(folder: str | os.PathLike, shards: dict[str, int],
+                   extra: dict[str, Any] | None = None) -> None:
+    """Writes ``lens_records.json`` into ``folder`` (local or ``gs://``): schema version, the
+    record count of each shard (``shards``: name -> count) and their sum, and ``extra``."""
+    manifest = {
+        "format": "lens_records",
+        "schema_version": SCHEMA_VERSION,
+        "num_examples": sum(shards.values()),
+        "shards": shards,
+        **(extra or {}),
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    if storage.is_remote(folder):
+        storage.write_text(storage.path(folder) / MANIFEST_NAME, text)
+    else:
+        Path(folder, MANIFEST_NAME).write_text(text)
 
 
 # What ``write_shards`` puts in its folder (``--overwrite`` replaces a folder holding only these).
