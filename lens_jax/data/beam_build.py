@@ -220,7 +220,7 @@ def pipeline_options(pipeline_args: Sequence[str] = (), workers: int = 1):
 def output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
     """A fresh temporary folder beside ``out_dir`` (local or ``gs://``) that becomes ``out_dir``
     when the block succeeds; on any failure it is deleted and ``out_dir`` is left as it was."""
-    from lens_jax.convert.safetensors_io import atomic_output_dir
+    from lens_jax.output_guard import atomic_output_dir
 
     if not storage.is_remote(out_dir):
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
