@@ -1,6 +1,7 @@
 """The runs behind docs/tpu.md: ``lens-train compile`` of each shipped config on each slice.
 
-  python benchmarks/tpu_compile_table.py --out /tmp/tpu_table.jsonl [--only s1:v5p-128,...]
+  python benchmarks/tpu_compile_table.py --out /tmp/tpu_table.jsonl [--only s1:v5p-128,...] [--remat-search]
+  python benchmarks/tpu_compile_table.py --markdown /tmp/tpu_table.jsonl   # docs/tpu.md's tables
 
 Each run is one subprocess (``python -m lens_jax.train.cli compile ... --report``); its command
 and its figures are appended to ``--out`` as one JSON line as soon as it finishes, so a long
@@ -75,9 +76,60 @@ def run_one(name: str, topology: str, slices: int, extra: dict, remat: str | Non
     return row
 
 
+NAMES = {"s1": "stage 1", "s2": "stage 2 mixed", "ft": "fine-tune"}
+
+
+def markdown(path: str) -> str:
+    """docs/tpu.md's tables from the JSON lines: every compile, then per config and slice the
+    remat policy with the least recomputation that fits (the last run of a row wins)."""
+    last: dict[tuple, dict] = {}  # a row compiled twice (a restarted batch): its last run
+    for line in open(path):
+        if line.strip():
+            r = json.loads(line)
+            last[(r["name"], r["topology"], r["slices"], r.get("remat"))] = r
+    rows = list(last.values())
+    out = ["| config | slice | mesh | remat | args | out | temp | total / HBM | fits | XLA TFLOP "
+           "| analytic TFLOP | GPT-OSS GiB | compile s | when |", "|" + "---|" * 14]
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["name"], r["topology"], r["slices"])
+        remat = r.get("remat") or "?"
+        step = next((p for p in r.get("programs", []) if p["program"] == "train_step"), None)
+        slice_name = r["topology"] + (f" x {r['slices']}" if r["slices"] > 1 else "")
+        if step is None:
+            out.append(f"| {NAMES[r['name']]} | {slice_name} | | {remat} | | | | | failed: "
+                       f"{(r.get('error') or '').splitlines()[-1][:160] if r.get('error') else r.get('rc')} "
+                       f"| | | | | {r['when']} |")
+            continue
+        mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
+        fits = step["fits"] == "yes"
+        out.append(
+            f"| {NAMES[r['name']]} | {slice_name} | {mesh} | {remat} | {step['args_GiB']:.2f} | "
+            f"{step['out_GiB']:.2f} | {step['temp_GiB']:.2f} | {step['total_GiB']:.2f} / "
+            f"{step['hbm_GiB']:.0f} | {'yes' if fits else '**no**'} | "
+            f"{'-' if step['xla_TFLOP'] != step['xla_TFLOP'] else format(step['xla_TFLOP'], '.1f')} | "
+            f"{step['analytic_TFLOP']:.1f} | {r.get('text_encoder_GiB_per_chip', 0):.2f} | "
+            f"{step['compile_s']:.0f} | {r['when']} |")
+        if fits and (key not in best or REMAT_ORDER.index(remat) < REMAT_ORDER.index(best[key]["remat"])):
+            best[key] = dict(r, remat=remat)
+        best.setdefault(key, dict(r, remat=None))
+    out += ["", "| config | slice | least recomputation that fits | VAE program (one host) | command |",
+            "|---|---|---|---|---|"]
+    for (name, topology, slices), r in best.items():
+        vae = [p for rr in rows if (rr["name"], rr["topology"], rr["slices"]) == (name, topology, slices)
+               for p in rr.get("programs", []) if p["program"].startswith("vae_encode")]
+        vae_text = (f"{vae[-1]['program']}: {vae[-1]['total_GiB']:.2f} GiB, fits {vae[-1]['fits']}"
+                    if vae else "-")
+        slice_name = topology + (f" x {slices}" if slices > 1 else "")
+        out.append(f"| {NAMES[name]} | {slice_name} | {r['remat'] or '**none fits**'} | {vae_text} "
+                   f"| `{r['command'].replace(' --programs step', '')}` |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
+    p.add_argument("--markdown", metavar="JSONL", help="print docs/tpu.md's tables from a finished run")
     p.add_argument("--only", default="s1:v5p-128,s1:v6e-256,s2:v5p-128,s1:v5e-256,s1:v4-128,"
                    "s2:v6e-256,ft:v5p-128,s2:v5e-256,s2:v4-128,ft:v6e-256,ft:v5e-256,ft:v4-128,"
                    "s1:v5p-64:1:mesh.tensor=2,s2:v5p-64:1:mesh.tensor=2,s1:v5e-256:2",
@@ -85,6 +137,11 @@ def main() -> None:
     p.add_argument("--remat-search", action="store_true")
     p.add_argument("--timeout", type=int, default=1800)
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
+    if not args.out:
+        p.error("--out is required (or --markdown JSONL)")
     for item in args.only.split(","):
         parts = item.split(":")
         name, topology = parts[0], parts[1]

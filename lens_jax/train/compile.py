@@ -544,8 +544,9 @@ def advice(config: ml_collections.ConfigDict, result: CompileResult) -> str:
                  f"{config.data.rows_per_host} per host = {per_chip:g} per chip), or "
                  f"--config.grad_accum_steps=2 to keep the global batch")
     if config.text_encoder.kind == "gpt_oss":
-        lines.append("  encode captions offline (the GPT-OSS-20B parameters are replicated on "
-                     "every chip inside the step)")
+        lines.append(f"  encode captions offline (GPT-OSS-20B inside the step: "
+                     f"{result.text_encoder_bytes / GiB:.2f} GiB of parameters per chip, plus its "
+                     f"activations)")
     return "\n".join(lines)
 
 
