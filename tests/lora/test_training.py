@@ -109,3 +109,28 @@ def test_export_lora_kohya_and_merge(run, tmp_path):
         for k, v in model_params(model).items():
             np.testing.assert_allclose(np.asarray(v), np.asarray(merged[k]), atol=1e-6, rtol=0,
                                        err_msg=f"{source} {'/'.join(k)}")
+
+
+def test_full_model_lora_state_holds_adapters_only():
+    """configs/lens_3p8b_lora.py on 8 devices: optimizer state for the adapters alone, the bf16
+    base FSDP-sharded like full training's parameters."""
+    from lens_jax.lora.trainer import LoraTrainer
+    from lens_jax.train.trainer import make_trainer
+
+    config = _load_config("lens_3p8b_lora")
+    config.mesh.num_devices = 8
+    trainer = make_trainer(config, with_encoders=False)
+    assert isinstance(trainer, LoraTrainer)
+    state = trainer.abstract_state()
+    base = jax.tree.leaves(state["base"])
+    total = sum(int(np.prod(x.shape)) for x in base)
+    assert total == 4_104_225_152 and {str(x.dtype) for x in base} == {"bfloat16"}
+    per_device = sum(int(np.prod(x.sharding.shard_shape(x.shape))) for x in base)
+    assert per_device < total / 8 * 1.01
+    adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    # rank 32 on qkv, out, w1/w2/w3 of both streams in 48 blocks (width d = 1536, MLP 8d/3 = 4096)
+    d, f = 1536, 4096
+    assert adapters == 48 * 2 * 32 * ((d + 3 * d) + (d + d) + 3 * (d + f))
+    moments = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["opt_state"]))
+    assert moments <= 2 * adapters + 8
+    assert state["ema"] == {}
