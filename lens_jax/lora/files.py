@@ -186,23 +186,29 @@ def merge_lora(model, lora: LoraWeights | str | os.PathLike, scale: float = 1.0)
             ai, bi, _ = lora.modules[(i, module)]
             a[i, :ai.shape[0]], b[i, :, :ai.shape[0]] = ai, bi
             factor[i] = scale * lora.factor(i, module)
-        flat[m.path] = _add_deltas(kernel, a, b, factor, m.to_jax)
+        _check_layout(m, kernel.shape[1:])
+        flat[m.path] = _add_deltas(kernel, a, b, factor)
     nnx.replace_by_pure_dict(state, keymap.unflatten(flat))
     nnx.update(model, state)
     return model
 
 
-def _add_deltas(kernel: jax.Array, a: np.ndarray, b: np.ndarray, factor: np.ndarray, to_jax):
-    """``kernel[i] += to_jax(factor[i] * b[i] @ a[i])`` layer by layer (one layer's float32 delta
-    at a time), keeping the kernel's dtype and sharding."""
-    def add(k, a, b, factor):
-        def body(i, k):
-            delta = to_jax((b[i] @ a[i]) * factor[i])
-            return k.at[i].set((k[i].astype(jnp.float32) + delta).astype(k.dtype))
-        return jax.lax.fori_loop(0, k.shape[0], body, k)
+def _check_layout(m, layer_shape: tuple[int, ...]) -> None:
+    """The merge maps a torch ``[out, in]`` delta to the kernel layout as ``delta.T.reshape(layer
+    shape)``; this checks that it is the key map's own ``to_jax`` for this weight (on a probe)."""
+    probe = np.arange(int(np.prod(m.torch_shape)), dtype=np.float32).reshape(m.torch_shape)
+    if not np.array_equal(m.to_jax(probe), probe.T.reshape(layer_shape)):
+        raise NotImplementedError(f"{m.key}: its key map layout is not a transposed Linear weight")
 
-    sharding = getattr(kernel, "sharding", None)
-    return jax.jit(add, out_shardings=sharding)(kernel, a, b, factor)
+
+@jax.jit
+def _add_deltas(kernel: jax.Array, a: jax.Array, b: jax.Array, factor: jax.Array) -> jax.Array:
+    """``kernel[i] += (factor[i] * b[i] @ a[i]).T`` in the kernel's layer layout, layer by layer
+    (one layer's float32 delta at a time); the kernel keeps its dtype (and sharding)."""
+    def body(i, k):
+        delta = ((b[i] @ a[i]) * factor[i]).T.reshape(k.shape[1:])
+        return k.at[i].set((k[i].astype(jnp.float32) + delta).astype(k.dtype))
+    return jax.lax.fori_loop(0, kernel.shape[0], body, kernel)
 
 
 def lora_tensors(adapters: dict, spec: adapters_lib.LoraSpec, spelling: str = "peft") -> dict:
