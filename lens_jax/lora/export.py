@@ -2,7 +2,8 @@
 
 Restores the adapters (EMA when the run kept one, else raw; ``--raw`` forces raw) of a checkpoint as
 host arrays; ``--lora`` writes them as a PEFT or kohya file, ``--merge`` also restores the frozen
-base and writes a diffusers ``transformer/`` folder with ``W + scale * alpha/r * B A``.
+base and writes a diffusers ``transformer/`` folder with ``W + scale * alpha/r * B A``. A plain
+export of a LoRA run (and ``--config.init_from=run:LORA_RUN``) gets the merged weights at scale 1.
 """
 
 from __future__ import annotations
@@ -46,25 +47,35 @@ def restore_lora(workdir: str | Path, step: int = -1, ema: bool = True, with_bas
     return out[name], out.get("base"), step, name, spec, config
 
 
+def restore_merged(workdir: str | Path, step: int = -1, ema: bool = True, scale: float = 1.0
+                   ) -> tuple[dict, int, str]:
+    """``(model weights with the adapters merged at scale, step, "ema"|"params")`` of a LoRA run
+    (what ``restore_weights`` returns for it: ``init_from=run:LORA_RUN`` and plain export)."""
+    lora, base, step, name, spec, _ = restore_lora(workdir, step, ema, with_base=True)
+    merged = dict(base, blocks=adapters_lib.merged_blocks(base["blocks"], lora, scale * spec.scale))
+    return jax.device_get(merged), step, name
+
+
 def export(workdir: str | Path, out: str | Path, step: int = -1, ema: bool = True, *,
            merge: bool = False, spelling: str = "peft", scale: float = 1.0, dtype: str = "",
            overwrite: bool = False) -> Path:
     from lens_jax.lora.files import write_lora
 
-    lora, base, step, name, spec, config = restore_lora(workdir, step, ema, with_base=merge)
     if not merge:
+        lora, _, step, name, spec, _ = restore_lora(workdir, step, ema)
         path = write_lora(out, lora, spec, spelling, overwrite=overwrite)
         print(f"exported the {name} LoRA (rank {spec.rank}, alpha {spec.alpha:g}, "
               f"{', '.join(spec.targets)}) of step {step} from {workdir} to {path} ({spelling} keys)")
         return path
     from lens_jax.convert import keymap
     from lens_jax.convert.transformer import model_from_params, save_transformer
+    from lens_jax.train.export import run_config
 
-    merged = dict(base, blocks=adapters_lib.merged_blocks(base["blocks"], lora, scale * spec.scale))
-    cfg = ml_collections.ConfigDict(config.model.to_dict())
-    cfg.param_dtype = str(np.asarray(base["img_in"]["kernel"]).dtype)
+    merged, step, name = restore_merged(workdir, step, ema, scale)
+    cfg = ml_collections.ConfigDict(run_config(workdir).model.to_dict())
+    cfg.param_dtype = str(np.asarray(merged["img_in"]["kernel"]).dtype)
     cfg.dtype = cfg.param_dtype
-    model = model_from_params(cfg, keymap.flatten(jax.device_get(merged)))
+    model = model_from_params(cfg, keymap.flatten(merged))
     path = save_transformer(model, out, dtype=np.dtype(dtype) if dtype else None, overwrite=overwrite)
     print(f"exported the base with the {name} LoRA of step {step} merged at scale {scale:g} "
           f"from {workdir} to {path}")

@@ -70,9 +70,10 @@ def restore_weights(workdir: str | Path, step: int = -1, ema: bool = True) -> tu
 
     config = run_config(workdir)
     name = "ema" if ema and float(config.ema.decay) > 0 else "params"
-    if "lora" in config and int(config.lora.rank) > 0:
-        raise ValueError(f"{workdir} is a LoRA run (config.lora.rank={config.lora.rank}): export "
-                         "it with --lora (the adapter file) or --merge (a full diffusers folder)")
+    if "lora" in config and int(config.lora.rank) > 0:  # the base with the adapters merged in
+        from lens_jax.lora.export import restore_merged
+
+        return restore_merged(workdir, step, ema)
     abstract = nnx.to_pure_dict(nnx.split(abstract_model(config.model))[1])
     item = {name: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)}
     out, step = restore_items(workdir, step, item)

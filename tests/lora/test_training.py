@@ -45,6 +45,9 @@ def run(tmp_path_factory):
     config.logging.progress = False
     config.logging.tensorboard = False
     config.ema.decay = 0.9  # EMA of the adapters only
+    config.samples.every = STEPS  # a sample grid from the base with the adapters merged
+    config.samples.prompts = ("a red circle",)
+    config.samples.steps = 2
     config.optimizer.lr = 1e-2
     train(config, root / "work")
     return dict(root=root, config=config, workdir=root / "work")
@@ -69,6 +72,7 @@ def test_lora_training_lowers_loss_and_keeps_base(run):
 
     lora, base, step, name, spec, _ = restore_lora(run["workdir"], ema=False, with_base=True)
     assert step == STEPS and name == "params"
+    assert (run["workdir"] / "samples" / f"step_{STEPS:08d}.png").is_file()
     want = {k: np.asarray(v) for k, v in model_params(load_transformer(run["root"] / "base")).items()}
     got = keymap.flatten(base)
     assert got.keys() == want.keys()
@@ -94,7 +98,8 @@ def test_export_lora_kohya_and_merge(run, tmp_path):
     assert export_main(["--workdir", w, "--out", str(tmp_path / "kohya"), "--lora",
                         "--lora-format", "kohya"]) == 0
     assert export_main(["--workdir", w, "--out", str(tmp_path / "merged"), "--merge"]) == 0
-    assert export_main(["--workdir", w, "--out", str(tmp_path / "plain")]) == 2  # a LoRA run
+    assert export_main(["--workdir", w, "--out", str(tmp_path / "plain")]) == 0  # = --merge
+    assert export_main(["--workdir", w, "--out", str(tmp_path / "x"), "--lora", "--merge"]) == 2
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 4.0)
     assert config["target_modules"] == ["attn.img_qkv", "attn.txt_qkv", "attn.to_out.0",
@@ -104,6 +109,8 @@ def test_export_lora_kohya_and_merge(run, tmp_path):
     peft = read_lora(tmp_path / "peft", cfg)
     assert peft.spelling == "peft" and read_lora(tmp_path / "kohya", cfg).spelling == "kohya"
     merged = model_params(load_transformer(tmp_path / "merged"))
+    plain = model_params(load_transformer(tmp_path / "plain"))
+    assert all(np.array_equal(np.asarray(plain[k]), np.asarray(merged[k])) for k in merged)
     for source in ("peft", "kohya"):
         model = merge_lora(load_transformer(run["root"] / "base"), tmp_path / source)
         for k, v in model_params(model).items():
