@@ -86,7 +86,7 @@ def read_lora(path: str | os.PathLike, model_config) -> LoraWeights:
     """Reads a LoRA safetensors file (PEFT or kohya keys, any prefix) and checks that every key
     names an adaptable module of this model with the right shapes; raises ``LoraFileError`` naming
     the offending keys otherwise."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from lens_jax.convert.safetensors_io import CheckpointError, check_safetensors_file
     from lens_jax.convert.transformer import transformer_mappings
@@ -101,9 +101,7 @@ def read_lora(path: str | os.PathLike, model_config) -> LoraWeights:
         with safe_open(path, framework="numpy") as f:
             names, metadata = list(f.keys()), f.metadata() or {}
             tensors = {k: np.asarray(f.get_tensor(k)) for k in names}
-    except (CheckpointError, OSError, Exception) as e:  # noqa: BLE001 - safetensors raises its own
-        if isinstance(e, LoraFileError):
-            raise
+    except (CheckpointError, OSError, SafetensorError) as e:
         raise LoraFileError(f"{path}: not a readable safetensors file ({e})") from e
     config = _adapter_config(path, metadata)
     parts: dict[tuple[int, str], dict] = {}

@@ -3,7 +3,6 @@ with the same numbers give the same images; a file that does not fit is refused 
 
 import json
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
