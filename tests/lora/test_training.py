@@ -141,3 +141,34 @@ def test_full_model_lora_state_holds_adapters_only():
     moments = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["opt_state"]))
     assert moments <= 2 * adapters + 8
     assert state["ema"] == {}
+
+
+def test_bf16_base_and_dropout(run):
+    """A step with the base held in bfloat16 and adapter dropout: the base stays bf16 and unchanged,
+    the adapters move; dropout masks the adapter's input (inverted scaling) and only where asked."""
+    import jax.numpy as jnp
+
+    from lens_jax.lora.adapters import lora_delta
+    from lens_jax.train.trainer import make_trainer
+    from tests.train.helpers import host_batch
+
+    config = run["config"].copy_and_resolve_references()
+    config.lora.base_dtype = "bfloat16"
+    config.lora.dropout = 0.5
+    config.optimizer.warmup_steps = 0
+    trainer = make_trainer(config)
+    state = trainer.init_state()
+    assert {str(x.dtype) for x in jax.tree.leaves(state["base"])} == {"bfloat16"}
+    base = jax.tree.map(np.asarray, state["base"])
+    state, metrics = trainer.step(state, trainer.put_batch(host_batch(config, 1)[0]))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(state["base"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert np.abs(np.asarray(state["params"]["img_qkv"]["lora_b"])).max() > 0
+
+    x = jnp.ones((2, 8, 4))
+    p = {"lora_a": jnp.eye(4)[:, :4], "lora_b": jnp.eye(4), "lora_scale": jnp.float32(1.0)}
+    np.testing.assert_array_equal(np.asarray(lora_delta(x, p, jnp.float32, 1)), np.ones((2, 8, 4)))
+    dropped = np.asarray(lora_delta(x, dict(p, lora_key=jax.random.PRNGKey(0),
+                                            lora_dropout=jnp.float32(0.5)), jnp.float32, 1))
+    assert set(np.unique(dropped)) == {0.0, 2.0} and 0.3 < (dropped == 0).mean() < 0.7
