@@ -4,7 +4,7 @@
 
 Each run is one subprocess (``python -m lens_jax.train.cli compile ... --report``); its command
 and its figures are appended to ``--out`` as one JSON line as soon as it finishes, so a long
-batch can be read (and restarted with ``--skip-done``) while it runs. ``--remat-search`` tries the
+batch can be read while it runs. ``--remat-search`` tries the
 remat policies from least to most recomputation around the config's own and keeps the first
 that fits (none < save_dots < save_dots_no_batch < save_qkv_attn < full).
 """
@@ -27,26 +27,36 @@ CONFIGS = {  # short name -> config file, per-chip batch overrides (one packed r
 }
 from lens_jax.train.compile import REMAT_ORDER  # noqa: E402  (least to most recomputation)
 CHIPS_PER_HOST = {"v5p": 4, "v4": 4, "v5e": 4, "v6e": 4}  # slices above 8 chips
+# The mesh of each slice unless a row says otherwise: FSDP over 16 chips and data parallelism over
+# the rest. GPT-OSS-20B's 32 experts shard over the FSDP axis only where its size divides 32 (fsdp
+# >= 64 would replicate them), and a logical axis must be a product of whole physical axes
+# (v5p/v4 4x4x4: 4 x 16; v5e/v6e 16x16: 16 x 16; v5p-64 2x4x4 with tensor 2: fsdp 16 x tensor 2).
+MESH = {"v5p-128": {"mesh.data": 4}, "v4-128": {"mesh.data": 4},
+        "v6e-256": {"mesh.data": 16}, "v5e-256": {"mesh.data": 16}}
 
 
-def command(config: str, topology: str, slices: int, overrides: dict, report: str) -> list[str]:
+def command(config: str, topology: str, slices: int, overrides: dict, report: str,
+            step_only: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "lens_jax.train.cli", "compile", "--config", config,
            "--topology", topology, "--num-slices", str(slices), "--report", report]
+    if step_only:
+        cmd += ["--programs", "step"]
     return cmd + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def run_one(name: str, topology: str, slices: int, extra: dict, remat: str | None, timeout: int
-            ) -> dict:
+def run_one(name: str, topology: str, slices: int, extra: dict, remat: str | None, timeout: int,
+            step_only: bool = False) -> dict:
     config, base = CONFIGS[name]
     overrides = dict(base)
     overrides["data.rows_per_host"] = CHIPS_PER_HOST[topology.split("-")[0]]  # 1 row per chip
     overrides["model.attention"] = "splash"
+    overrides.update(MESH.get(topology, {}))
     if remat:
         overrides["model.remat"] = remat
     overrides.update(extra)
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.json")
-        cmd = command(config, topology, slices, overrides, report)
+        cmd = command(config, topology, slices, overrides, report, step_only)
         start = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -69,7 +79,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--only", default="s1:v5p-128,s1:v6e-256,s2:v5p-128,s1:v5e-256,s1:v4-128,"
-                   "s2:v6e-256,ft:v5p-128,s2:v5e-256,s2:v4-128,ft:v6e-256,ft:v5e-256,ft:v4-128",
+                   "s2:v6e-256,ft:v5p-128,s2:v5e-256,s2:v4-128,ft:v6e-256,ft:v5e-256,ft:v4-128,"
+                   "s1:v5p-64:1:mesh.tensor=2,s2:v5p-64:1:mesh.tensor=2,s1:v5e-256:2",
                    help="NAME:TOPOLOGY[:SLICES[:FIELD=VALUE;...]] comma-separated")
     p.add_argument("--remat-search", action="store_true")
     p.add_argument("--timeout", type=int, default=1800)
@@ -81,7 +92,8 @@ def main() -> None:
         extra = dict(kv.split("=", 1) for kv in parts[3].split(";")) if len(parts) > 3 else {}
         remat, direction = None, 0
         while True:
-            row = run_one(name, topology, slices, extra, remat, args.timeout)
+            # The VAE program depends on neither remat nor the mesh: once per row is enough.
+            row = run_one(name, topology, slices, extra, remat, args.timeout, step_only=remat is not None)
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             fits = row.get("fits")

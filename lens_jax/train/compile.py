@@ -364,8 +364,9 @@ class CompileResult:
 
 
 def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
-                  num_slices: int = 1, log=print) -> CompileResult:
-    """Compiles the training step (and the VAE encoder program) for ``num_slices`` x ``topo``."""
+                  num_slices: int = 1, log=print, vae_program: bool = True) -> CompileResult:
+    """Compiles the training step (and, with ``vae_program``, the VAE encoder program) for
+    ``num_slices`` x ``topo``."""
     from lens_jax.train.trainer import make_trainer
 
     devices = topologies.topology_devices(topo, num_slices)
@@ -410,7 +411,7 @@ def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
     if compiled is not None and os.environ.get("LENS_COMPILE_DUMP_HLO"):
         with open(os.environ["LENS_COMPILE_DUMP_HLO"] + ".after.txt", "w") as f:
             f.write(compiled.as_text())
-    if config.image_encoder.kind == "vae":
+    if config.image_encoder.kind == "vae" and vae_program:
         state_bytes = programs[0].argument_bytes
         host = [d for d in devices if d.process_index == devices[0].process_index]
         programs.append(compile_vae_encode(config, host, topo, resident_bytes=state_bytes))
@@ -567,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     flags.DEFINE_integer("num_slices", 1, "slices joined over the data-centre network", flag_values=fv)
     flags.DEFINE_string("save_executable", None, "write the compiled step here", flag_values=fv)
     flags.DEFINE_string("report", None, "also write the figures as JSON here", flag_values=fv)
+    flags.DEFINE_enum("programs", "all", ["all", "step"], "all: the training step and, for "
+                      "image_encoder.kind=vae, the VAE encoder program; step: the step alone (the "
+                      "VAE program does not depend on remat or the mesh: a remat search needs it "
+                      "once)", flag_values=fv)
     argv = list(sys.argv[2:] if argv is None else argv)
     # absl spells multi-word flags with underscores; accept the documented dashes too.
     argv = [re.sub(r"^--(num|save)-", r"--\1_", a) for a in argv]
@@ -577,14 +582,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if len(rest) > 1 or fv.config is None or fv.topology is None:
         print("usage: lens-train compile --config CFG --topology NAME [--num-slices N] "
-              "[--save-executable PATH] [--report JSON] [--config.FIELD=VALUE ...]"
+              "[--save-executable PATH] [--report JSON] [--programs all|step] [--config.FIELD=VALUE ...]"
               + (f"; unexpected {rest[1:]}" if len(rest) > 1 else ""), file=sys.stderr)
         return EXIT_BAD_INPUT
     config = config_flag.value
     topologies.compile_only_backend()
     try:
         topo = topologies.topology(fv.topology)
-        result = compile_train(config, topo, int(fv.num_slices))
+        result = compile_train(config, topo, int(fv.num_slices), vae_program=fv.programs == "all")
     except (ValueError, RuntimeError) as e:
         print(f"lens-train compile: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
