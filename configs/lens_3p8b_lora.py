@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.lora.dropout = 0.0
     config.lora.targets = "attn.*,img_mlp.*,txt_mlp.*"
     config.lora.base_dtype = "bfloat16"
+    # lens-train compile, one 8448+1024-token row per chip: 8.30 GiB per v5e chip with full remat,
+    # 41.5 GiB (does not fit) with the fine-tune's save_dots_no_batch (docs/training.md)
+    config.model.remat = "full"
     o = config.optimizer
     o.lr = 1e-4
     o.warmup_steps = 100
