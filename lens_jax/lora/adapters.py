@@ -30,6 +30,7 @@ class LoraSpec:
     alpha: float
     targets: tuple[str, ...]
     dropout: float = 0.0
+    merge_in_step: bool = False   # fold s A B into each block's kernel inside the step (merge_adapter)
 
     @property
     def scale(self) -> float:
@@ -48,8 +49,12 @@ class LoraSpec:
             raise ValueError(f"config.lora.rank={rank}: a LoRA run needs a rank >= 1")
         if not 0.0 <= float(lora.dropout) < 1.0:
             raise ValueError(f"config.lora.dropout={lora.dropout}: expected 0 <= dropout < 1")
+        merge = bool(lora.get("merge_in_step", False))
+        if merge and float(lora.dropout) > 0:
+            raise ValueError("config.lora.merge_in_step=True folds the adapter into the kernel: "
+                             "it cannot drop the adapter's input (set config.lora.dropout=0)")
         return cls(rank, float(lora.alpha) or float(rank), keys.select_targets(lora.targets),
-                   float(lora.dropout))
+                   float(lora.dropout), merge)
 
 
 def split_kernel(shape: tuple[int, ...], param: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -102,11 +107,23 @@ def scanned(adapters: dict, spec: LoraSpec, dropout_key: jax.Array | None = None
     for i, (param, p) in enumerate(adapters.items()):
         layers = p["lora_a"].shape[0]
         entry = dict(p, lora_scale=jnp.full((layers,), spec.scale, jnp.float32))
+        if spec.merge_in_step:
+            entry["lora_merge"] = jnp.zeros((layers,), jnp.bool_)  # its presence is the switch
         if spec.dropout > 0 and dropout_key is not None:
             entry["lora_dropout"] = jnp.full((layers,), spec.dropout, jnp.float32)
             entry["lora_key"] = jax.random.split(jax.random.fold_in(dropout_key, i), layers)
         out[param] = entry
     return out
+
+
+def merge_adapter(p: dict, dtype) -> dict:
+    """One block's ``{"kernel": W + scale A B, "bias"}`` in ``dtype``: the adapted projection is
+    then one matmul, whose output the remat policies save as in full fine-tuning (adding the
+    adapter's product separately kept one more ``[tokens, out]`` activation per module and block
+    under ``save_dots_no_batch``; docs/training.md), at the cost of the weight-gradient matmul."""
+    delta = jnp.tensordot(p["lora_a"].astype(dtype), p["lora_b"].astype(dtype), axes=1)
+    return {"kernel": p["kernel"].astype(dtype) + delta * p["lora_scale"].astype(dtype),
+            "bias": p.get("bias")}
 
 
 def lora_delta(x: jax.Array, p: dict, dtype, n_in: int) -> jax.Array:

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from lens_jax.lora.adapters import lora_delta
+from lens_jax.lora.adapters import lora_delta, merge_adapter
 from lens_jax.models import attention as attention_lib
 from lens_jax.models import config as config_lib
 from lens_jax.models.rope import apply_rope, image_positions, rope_angles, text_positions
@@ -95,6 +95,8 @@ class BlockStack(nnx.Module):
 
 def dense(x: jax.Array, p: dict, dtype, n_in: int = 1) -> jax.Array:
     """Contracts the last ``n_in`` axes of ``x`` with the first ``n_in`` of ``p['kernel']``."""
+    if "lora_merge" in p:  # a LoRA adapter folded into this block's kernel (lens_jax.lora.adapters)
+        p = merge_adapter(p, dtype)
     y = jnp.tensordot(x.astype(dtype), p["kernel"].astype(dtype), axes=n_in)
     if p.get("bias") is not None:
         y = y + p["bias"].astype(dtype)

@@ -108,6 +108,8 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     #                                    comma-separated): attn.img_qkv attn.txt_qkv attn.to_out.0
     #                                    attn.to_add_out {img,txt}_mlp.w{1,2,3} {img,txt}_mod.1
     c.lora.base_dtype = ""             # dtype of the frozen base weights ("" = model.param_dtype)
+    c.lora.merge_in_step = False       # True: x (W + s A B) per block inside the step: less activation
+    #                                    memory, full fine-tuning's weight-gradient FLOPs; no dropout
 
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.9999               # 0 = no EMA kept (exported weights = raw)

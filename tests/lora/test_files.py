@@ -164,3 +164,29 @@ def test_targets_and_key_spellings():
     assert keys.parse_key("base_model.model.transformer_blocks.3.img_mod.1.lora_B.default.weight") == (
         3, "img_mod.1", "B")
     assert keys.parse_key("lora_unet_transformer_blocks_2_attn_to_add_out.alpha") == (2, "attn.to_add_out", "alpha")
+
+
+def test_merge_in_step_equals_separate_adapter(base):
+    """config.lora.merge_in_step: x (W + s A B) per block gives the adapter's output."""
+    import dataclasses
+
+    from lens_jax.convert.transformer import load_transformer
+
+    model = load_transformer(base["folder"])
+    separate = _jax_out(model, base["inputs"], adapters_lib.scanned(base["lora"], base["spec"]))
+    spec = dataclasses.replace(base["spec"], merge_in_step=True)
+    folded = _jax_out(model, base["inputs"], adapters_lib.scanned(base["lora"], spec))
+    np.testing.assert_allclose(folded, separate, atol=1e-5, rtol=0)
+    assert np.abs(folded - _jax_out(model, base["inputs"])).max() > 1e-2
+    i = base["inputs"]
+
+    def loss(lora, s):  # gradients with respect to the adapters agree too
+        out = model(jnp.asarray(i["latents"]), [jnp.asarray(f) for f in i["feats"]],
+                    jnp.asarray(i["t"]), i["hw"], jnp.asarray(i["mask"]),
+                    adapters=adapters_lib.scanned(lora, s))
+        return jnp.mean(out ** 2)
+
+    lora = jax.tree.map(jnp.asarray, base["lora"])
+    g_sep, g_fold = jax.grad(loss)(lora, base["spec"]), jax.grad(loss)(lora, spec)
+    for a, b in zip(jax.tree.leaves(g_sep), jax.tree.leaves(g_fold)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
