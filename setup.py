@@ -36,8 +36,13 @@ setup(
         "tensorboardX",
         # gs:// paths (lens_jax/storage.py): etils.epath reads and writes Cloud Storage through gcsfs.
         "gcsfs>=2025.1",
+        # lens-data caption: HTTP to OpenAI-compatible vision-language endpoints.
+        "requests>=2.31",
         # Connected components for lens-eval layout's colour segmentation.
         "scipy",
+        # lens-data build is a Beam pipeline (DirectRunner here, Dataflow/Flink/Spark for a
+        # cluster). Beam 2.77 caps pillow<13, protobuf<7, pyarrow<26, python-dateutil<3.
+        "apache-beam>=2.77,<3",
     ],
     extras_require={
         # Test-only references: a local CPU torch build, diffusers' FLUX.2 VAE, transformers' GPT-OSS.

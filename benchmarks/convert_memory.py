@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from lens_jax.convert.safetensors_io import SafetensorsFolder, ShardedWriter, write_json  # noqa: E402
-from lens_jax.convert.transformer import WEIGHTS_PREFIX, transformer_mappings  # noqa: E402
+from lens_jax.checkpoints.safetensors_io import SafetensorsFolder, ShardedWriter, write_json  # noqa: E402
+from lens_jax.checkpoints.transformer import WEIGHTS_PREFIX, transformer_mappings  # noqa: E402
 from lens_jax.models import config as config_lib  # noqa: E402
 
 

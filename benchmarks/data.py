@@ -1,7 +1,10 @@
-"""Input pipeline throughput: images/s per CPU core for decode + resize + patchify + pack, and the
-whole grain pipeline with worker processes.
+"""Data throughput: ``lens-data build`` records/s per core, the input pipeline's images/s per CPU
+core (decode + resize + patchify + pack) and per grain worker at 512^2 and 1024^2, and the rate the
+stage-1 / stage-2 configs consume per host (analytic, from their FLOPs per image and an assumed
+MFU), hence the workers that keep a host fed (docs/data.md).
 
-    .venv/bin/python benchmarks/data.py [--images 24] [--workers 2] [--json out.json]
+    .venv/bin/python benchmarks/data.py [--images 24] [--workers 2] [--build-images 64]
+                                        [--mfu 0.4] [--json out.json]
 
 Per-core figures run the per-example loader (JPEG decode, bucket, resize + centre crop, patchify,
 tokenize) and the packing/batch build (float32 output) in one thread of the main process. Source
@@ -156,6 +159,84 @@ def simulated_efficiency(batches: int = 200, seed: int = 0) -> dict[str, float]:
             "text_tokens_per_image": real[1] / segments}
 
 
+def build_rate(base: int, n: int, workers: int) -> dict[str, float]:
+    """``lens-data build``'s record making (``build.write_items``: PIL full decode, checks,
+    encode, ArrayRecord write) over ``n`` photo-like JPEGs of ``base`` x ``base`` (what
+    img2dataset writes with ``--image_size base``), in ``workers`` processes: records/s in all and
+    per core. Spawning the workers is timed too (run enough images)."""
+    from lens_jax.data.build import Item, write_items
+
+    rng = np.random.default_rng(2)
+    jpegs = [photo_jpeg(rng, base, base) for _ in range(8)]
+    items = [Item(path="", id=str(i), caption=CAPTION, data=jpegs[i % len(jpegs)])
+             for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        report = write_items(items, os.path.join(tmp, "r"), what="bench", num_shards=4,
+                             workers=workers)
+        seconds = time.perf_counter() - t0
+    assert report.written == n, report.format()
+    return {"records_per_s": n / seconds, "records_per_s_per_core": n / seconds / workers}
+
+
+def pipeline_per_worker(base: int, n: int, workers: int, batches: int) -> dict[str, float]:
+    """The whole pipeline (``make_pipeline``) on ``base``-only buckets (all nine ratios) from
+    JPEGs 1.5x the bucket side: images/s and images/s per worker."""
+    rng = np.random.default_rng(3)
+    side = int(base * 1.5)
+    cache = [photo_jpeg(rng, side, side * 3 // 4) for _ in range(4)]
+    with tempfile.TemporaryDirectory() as tmp:
+        records.write_shards(
+            (records.Example(image_bytes=cache[i % 4], caption=CAPTION, width=side,
+                             height=side * 3 // 4, id=str(i), source="bench") for i in range(n)),
+            os.path.join(tmp, "r"), num_shards=2)
+        cfg = default_data_config()
+        cfg.path = os.path.join(tmp, "r")
+        cfg.base_sizes, cfg.base_probs = (base,), (1.0,)
+        cfg.worker_count = workers
+        cfg.process_index, cfg.process_count = 0, 1
+        it = make_pipeline(cfg)
+        try:
+            next(it)  # worker start-up
+            seg0, t0 = it.pack_iterator.segments, time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            seconds = time.perf_counter() - t0
+            segs = it.pack_iterator.segments - seg0
+        finally:
+            it.close()
+    return {"images_per_s": segs / seconds, "images_per_s_per_worker": segs / seconds / workers}
+
+
+# Accelerator hosts the feed rates are given for: (name, devices per host, bf16 dense peak FLOP/s).
+HOSTS = (("v5p host (4 chips)", 4, 459e12), ("v6e host (8 chips)", 8, 918e12),
+         ("H100/H200 host (8 GPUs)", 8, 989e12))
+
+
+def feed_rates(mfu: float) -> dict[str, dict[str, float]]:
+    """Images/s one host consumes in stage 1 and stage 2 (no timing: model FLOPs per image from
+    ``lens_jax.train.metrics.StepFlops``, the denoiser's fwd+bwd only, so an upper bound: the
+    VAE and GPT-OSS encoders running on the same chips make the real rate lower)."""
+    from lens_jax.configs import lens_3p8b_stage1_512, lens_3p8b_stage2_mixed
+    from lens_jax.train.metrics import StepFlops
+
+    mix = simulated_efficiency()
+    stages = {
+        # stage 1: one 512^2 image (1024 tokens) and ~156 text tokens (the simulated caption mix)
+        "stage1_512": (lens_3p8b_stage1_512.get_config(), 1024.0, mix["text_tokens_per_image"]),
+        "stage2_mixed": (lens_3p8b_stage2_mixed.get_config(), mix["image_tokens_per_image"],
+                         mix["text_tokens_per_image"]),
+    }
+    out: dict[str, dict[str, float]] = {}
+    for stage, (config, image_tokens, text_tokens) in stages.items():
+        flops = StepFlops(config.model).train_flops(image_tokens, text_tokens, 1,
+                                                    (image_tokens + text_tokens) ** 2)
+        out[stage] = {"train_tflops_per_image": flops / 1e12}
+        for name, devices, peak in HOSTS:
+            out[stage][f"images_per_s/{name}"] = devices * peak * mfu / flops
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description="Input pipeline throughput (images/s per core; whole pipeline with workers).")
@@ -165,6 +246,14 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=6,
                         help="batches timed in the whole-pipeline case (after the first)")
     parser.add_argument("--workers", type=int, default=2, help="grain worker processes")
+    parser.add_argument("--build-images", type=int, default=64,
+                        help="images per lens-data build case")
+    parser.add_argument("--build-workers", type=int, default=0,
+                        help="processes of the parallel build case (default: CPU count, at most 8)")
+    parser.add_argument("--worker-images", type=int, default=160,
+                        help="records written for each images-per-worker case")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="assumed model FLOPs utilisation for the feed rates (default 0.4)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     results: dict[str, object] = {
@@ -185,6 +274,19 @@ def main(argv=None) -> None:
     key = f"pipeline/{args.workers}_workers"
     results[key] = whole_pipeline(args.pipeline_images, args.workers, args.batches)
     print(key, json.dumps({k: round(v, 3) for k, v in results[key].items()}), flush=True)
+    build_workers = args.build_workers or max(1, min(8, os.cpu_count() or 1))
+    for base in (512, 1024):
+        for workers in sorted({1, build_workers}):
+            key = f"build/{base}/{workers}_workers"
+            results[key] = build_rate(base, args.build_images, workers)
+            print(key, json.dumps({k: round(v, 1) for k, v in results[key].items()}), flush=True)
+        key = f"pipeline_per_worker/{base}/{args.workers}_workers"
+        results[key] = pipeline_per_worker(base, args.worker_images, args.workers, args.batches)
+        print(key, json.dumps({k: round(v, 2) for k, v in results[key].items()}), flush=True)
+    results[f"feed_rates/mfu_{args.mfu}"] = rates = feed_rates(args.mfu)
+    for stage, values in rates.items():
+        print(f"feed_rates/mfu_{args.mfu}/{stage}",
+              json.dumps({k: round(v, 1) for k, v in values.items()}), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lens_jax.convert.transformer import model_from_params, transformer_mappings  # noqa: E402
+from lens_jax.checkpoints.transformer import model_from_params, transformer_mappings  # noqa: E402
 from lens_jax.models.config import transformer_config  # noqa: E402
 from tests.reference.checkpoints import reference_from_config  # noqa: E402
 

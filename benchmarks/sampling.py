@@ -47,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from lens_jax.convert.random_checkpoint import write_random_checkpoint
+            from lens_jax.checkpoints.random_checkpoint import write_random_checkpoint
             model = write_random_checkpoint(Path(tmp) / f"lens-{args.random_preset}",
                                             preset=args.random_preset, progress=False)
         start = time.perf_counter()

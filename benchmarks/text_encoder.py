@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     from transformers import GptOssConfig as HFConfig, GptOssModel
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from lens_jax.convert.keymap import torch_tensors
-    from lens_jax.convert.text_encoder import text_encoder_mappings
+    from lens_jax.checkpoints.keymap import torch_tensors
+    from lens_jax.checkpoints.text_encoder import text_encoder_mappings
     from lens_jax.models.text_encoder import GptOssConfig, TextEncoder, random_params
 
     config = GptOssConfig.from_hf(SMALL)

@@ -32,8 +32,8 @@ def generate(folder: Path, fraction: float, shard_bytes: int, seed: int = 0) -> 
     import numpy as np
     from tqdm import tqdm
 
-    from lens_jax.convert.safetensors_io import ShardedWriter, write_json
-    from lens_jax.convert.text_encoder import text_encoder_mappings
+    from lens_jax.checkpoints.safetensors_io import ShardedWriter, write_json
+    from lens_jax.checkpoints.text_encoder import text_encoder_mappings
     from lens_jax.models.text_encoder import GptOssConfig
 
     num_layers = max(1, round(24 * fraction))
@@ -76,7 +76,7 @@ def measure(folder: Path, mxfp4: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from lens_jax.convert.text_encoder import load_text_encoder
+    from lens_jax.checkpoints.text_encoder import load_text_encoder
 
     jax.devices()
     proc = psutil.Process()

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 
 def synthetic_batch(rows: int, h: int, w: int, n_txt: int, per_row: int, channels: int, seed: int = 0) -> dict:
-    from lens_jax.models.rope import image_positions, text_positions
+    from lens_jax.models.positions import image_positions, text_positions
 
     rng = np.random.default_rng(seed)
     k, n_img, n_text = per_row, per_row * h * w, per_row * n_txt

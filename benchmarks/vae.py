@@ -39,7 +39,7 @@ def main() -> None:
     import torch
     from diffusers import AutoencoderKLFlux2
 
-    from lens_jax.convert.vae import load_vae
+    from lens_jax.checkpoints.vae import load_vae
 
     if args.threads:
         torch.set_num_threads(args.threads)

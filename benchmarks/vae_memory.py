@@ -45,7 +45,7 @@ def child(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from lens_jax.convert.vae import random_vae
+    from lens_jax.checkpoints.vae import random_vae
     from lens_jax.models.vae import VAEConfig
 
     vae = random_vae(VAEConfig(), seed=0, dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype))
@@ -69,7 +69,7 @@ def estimate(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from lens_jax.convert.vae import _JIT
+    from lens_jax.models.vae import _JIT
     from lens_jax.models.vae import AutoencoderKLFlux2, VAEConfig
 
     dtype = jnp.dtype(args.dtype)

@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LensTransformer": "lens_jax.models.transformer",
-    "load_transformer": "lens_jax.convert.transformer",
-    "save_transformer": "lens_jax.convert.transformer",
-    "load_vae": "lens_jax.convert.vae",
-    "save_vae": "lens_jax.convert.vae",
-    "load_text_encoder": "lens_jax.convert.text_encoder",
+    "load_transformer": "lens_jax.checkpoints.transformer",
+    "save_transformer": "lens_jax.checkpoints.transformer",
+    "load_vae": "lens_jax.checkpoints.vae",
+    "save_vae": "lens_jax.checkpoints.vae",
+    "load_text_encoder": "lens_jax.checkpoints.text_encoder",
     "encode_prompts": "lens_jax.text",
     "LensPipeline": "lens_jax.sampling.pipeline",
 }

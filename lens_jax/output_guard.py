@@ -13,6 +13,8 @@
   a library swallows the ``KeyboardInterrupt`` (orbax's event loop logs and drops it).
 - ``dir_mode``: the mode a new folder gets under the user's umask (``tempfile.mkdtemp`` makes
   0700 folders, which would otherwise become the final output).
+- ``atomic_output_dir``: every output folder is written under a temporary name and renamed (on
+  ``gs://``, uploaded) at the end, so a failure never leaves it half-written.
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ import re
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from lens_jax import processes, storage
+from lens_jax.errors import OutputError
+
 log = logging.getLogger(__name__)
-
-
-class OutputError(ValueError):
-    """An output path would destroy an input or files the command did not write."""
 
 
 # ----------------------------------------------------------------------------- inputs vs output
@@ -124,12 +126,10 @@ def leftover_temporaries(out: str | os.PathLike) -> list[tuple[Path, int | None,
 def clean_leftovers(out: str | os.PathLike) -> list[Path]:
     """Deletes the temporaries of ``out`` left by dead processes of this host; warns about the
     others (they may belong to a run still writing). Returns the paths deleted."""
-    from lens_jax.train.workdir_lock import pid_alive
-
     host, deleted = socket.gethostname(), []
     for path, pid, owner_host in leftover_temporaries(out):
         if pid is not None and owner_host == host:
-            if pid == os.getpid() or pid_alive(pid):
+            if pid == os.getpid() or processes.pid_alive(pid):
                 continue  # a live writer's (or our own) folder
             shutil.rmtree(path, ignore_errors=True)
             log.warning("deleted %s, left by an interrupted run (process %d is gone)", path, pid)
@@ -187,3 +187,41 @@ def interrupts_raise() -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h)
         _interrupted.clear()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary folder beside ``out_dir``; renames it to ``out_dir`` on success.
+
+    On any exception (Ctrl-C and SIGTERM included, see ``interrupts_raise``) the
+    temporary folder is deleted and ``out_dir`` is left untouched. Temporaries of earlier runs
+    killed outright are cleaned or reported first (``clean_leftovers``); the output
+    folder gets the user's umask (not mkdtemp's 0700). A ``gs://`` ``out_dir`` is built in a local
+    temporary folder and uploaded (``storage.remote_output_dir``).
+    """
+    if storage.is_remote(out_dir):
+        with storage.remote_output_dir(out_dir, overwrite=overwrite) as tmp:
+            yield tmp
+            raise_if_interrupted()
+        return
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir), dir=out_dir.parent))
+    try:
+        os.chmod(tmp, dir_mode())
+        yield tmp
+        raise_if_interrupted()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir, "old"),
+                                    dir=out_dir.parent))
+        os.replace(out_dir, old / "x")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)

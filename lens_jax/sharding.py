@@ -92,3 +92,11 @@ def tree_shardings(logical_specs, mesh: Mesh, rules: Rules):
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules, mesh)),
         logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules) -> dict:
+    """NamedShardings for a parameter tree from its logical-name specs (non-divisible dims replicated)."""
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, fit_spec(logical_to_spec(tuple(spec), rules, mesh),
+                                                      x.shape, mesh)),
+        logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -9,7 +9,7 @@ tensorstore's ``gcs`` driver. GCS has no append and no rename, so:
 - a folder (``remote_output_dir``) is built in a local temporary folder, then uploaded to GCS
   with the JSON files of each folder after its other files and the deepest folders first, so a
   reader that waits for ``config.json``/``model_index.json`` never sees half a folder (local
-  folders: ``lens_jax.convert.safetensors_io.atomic_output_dir``, a rename);
+  folders: ``lens_jax.output_guard.atomic_output_dir``, a rename);
 - a growing file (``metrics.jsonl``, TensorBoard events: ``lens_jax.train.metrics``) lives in a
   local mirror and is uploaded whole (``Mirror``);
 - files a C++ reader must open locally (ArrayRecord shards) are copied once into a local cache
@@ -205,7 +205,7 @@ def remote_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
     """For a ``gs://`` ``out_dir``: yields a fresh local temporary folder, uploaded to ``out_dir``
     (``upload_dir``, after an old ``out_dir`` is deleted) when the block succeeds. On any
     exception nothing is uploaded and ``out_dir`` is left untouched. (Local folders:
-    ``lens_jax.convert.safetensors_io.atomic_output_dir``, which calls this one for ``gs://``.)"""
+    ``lens_jax.output_guard.atomic_output_dir``, which calls this one for ``gs://``.)"""
     out = path(out_dir)
     if not is_remote(out):
         raise ValueError(f"{out_dir}: not a gs:// path")

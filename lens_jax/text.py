@@ -15,7 +15,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -156,6 +155,8 @@ def encode_prompts(encoder, tokenizer: PromptTokenizer, prompts: str | Sequence[
 
     The preamble is dropped (L' = L - preamble length), ready for the denoiser.
     """
+    import jax.numpy as jnp  # here, not at the top: the tokenizer runs in grain workers (no jax)
+
     date = _date_string(date)
     input_ids, mask = tokenizer(prompts, date=date, max_length=max_length)
     features = encoder(jnp.asarray(input_ids), jnp.asarray(mask))
@@ -178,5 +179,7 @@ def encode_negative_prompts(encoder, tokenizer: PromptTokenizer, negative_prompt
     if len(negative_prompts) != batch:
         raise ValueError(f"{len(negative_prompts)} negative prompts for a batch of {batch}")
     if all(is_empty_prompt(p) for p in negative_prompts):
+        import jax.numpy as jnp  # as in encode_prompts
+
         return [jnp.zeros_like(f) for f in features], jnp.zeros(mask.shape, bool)
     return encode_prompts(encoder, tokenizer, negative_prompts, date=date, max_length=max_length)

@@ -13,11 +13,13 @@ import time
 
 import pytest
 
+from lens_jax import processes
 from lens_jax.train import workdir_lock
 from lens_jax.train.workdir_lock import LOCK_NAME, WorkdirLocked, acquire
 
 HOLD = """
 import os, sys, time
+from lens_jax import processes
 from lens_jax.train import workdir_lock
 lock = workdir_lock.acquire(sys.argv[1], "lens-train", heartbeat_s=0)
 print("held", flush=True)
@@ -133,11 +135,11 @@ def test_heartbeat_thread_runs(tmp_path):
 
 
 def test_pid_reuse_is_not_mistaken_for_the_holder():
-    ticks = workdir_lock._start_ticks(os.getpid())
+    ticks = processes.process_start_ticks(os.getpid())
     if ticks is None:
         pytest.skip(reason="no /proc: pid start times unavailable")
-    assert workdir_lock.pid_alive(os.getpid(), ticks)
-    assert not workdir_lock.pid_alive(os.getpid(), ticks + 1)
+    assert processes.pid_alive(os.getpid(), ticks)
+    assert not processes.pid_alive(os.getpid(), ticks + 1)
 
 
 def test_gcs_workdir_gets_the_generation_store():

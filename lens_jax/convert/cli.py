@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lens_jax import storage
-from lens_jax.convert.safetensors_io import CheckpointError
+from lens_jax.errors import CheckpointError
 
 DTYPES = ("float32", "bfloat16", "float16")
 # What ``lens-convert random`` writes into its output folder (``--overwrite`` replaces no other).
@@ -96,11 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit_malloc_arenas()
     args = build_parser().parse_args(argv)
     from lens_jax import output_guard
-    from lens_jax.convert import transformer as tconv
+    from lens_jax.checkpoints import transformer as tconv
     from lens_jax.models import config as config_lib
     try:
         if args.command == "random":
-            from lens_jax.convert import random_checkpoint
+            from lens_jax.checkpoints import random_checkpoint
             if args.overwrite:
                 output_guard.check_replaceable(args.out, RANDOM_PATTERNS, "lens-convert random")
             size = random_checkpoint.estimated_bytes(args.preset)

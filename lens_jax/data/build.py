@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import multiprocessing
@@ -25,7 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lens_jax.data.records import MAX_IMAGE_PIXELS, Example, RecordError, image_format
+from lens_jax.data.records import MAX_IMAGE_PIXELS, Example, image_format
+from lens_jax.errors import RecordError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Other image files found in the folder are reported as skipped (unsupported format).
@@ -39,6 +41,7 @@ UNSUPPORTED = "unsupported image format"
 MISSING_CAPTION = "missing caption"
 EMPTY_CAPTION = "empty caption"
 DUPLICATE = "duplicate entry"
+DUPLICATE_IMAGE = "duplicate image"  # --dedup: same bytes as an earlier image
 UNDECODABLE_CAPTION = "caption not UTF-8"
 MALFORMED_ROW = "malformed captions row"
 TOO_LARGE = "image too large"
@@ -50,13 +53,15 @@ _SHORT_KEYS = ("short_caption", "short")
 
 @dataclasses.dataclass
 class Item:
-    """One image to convert: where it is, its id, and its captions (``None``: not found)."""
+    """One image to convert: where it is (a file ``path``, or its encoded bytes ``data`` for
+    inputs read whole: tar shards, parquet), its id, and its captions (``None``: not found)."""
 
     path: str
     id: str
     caption: str | None
     short_caption: str = ""
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: bytes = b""
 
 
 @dataclasses.dataclass
@@ -73,26 +78,33 @@ class BuildReport:
     written: int = 0
     skipped: dict[str, list[Skip]] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(list))
+    # Skips counted but not kept in ``skipped`` (the Beam build keeps the first few per reason).
+    unlisted: dict[str, int] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(int))
 
     def add_skip(self, skip: Skip) -> None:
         self.skipped[skip.reason].append(skip)
 
+    def counts(self) -> dict[str, int]:
+        """Skips per reason, sorted by reason."""
+        return {reason: len(self.skipped.get(reason, ())) + self.unlisted.get(reason, 0)
+                for reason in sorted({*self.skipped, *self.unlisted})}
+
     @property
     def num_skipped(self) -> int:
-        return sum(len(v) for v in self.skipped.values())
+        return sum(self.counts().values())
 
     def summary(self) -> dict[str, Any]:
-        return {"written": self.written,
-                "skipped": {reason: len(v) for reason, v in sorted(self.skipped.items())}}
+        return {"written": self.written, "skipped": self.counts()}
 
     def format(self, max_listed: int = 5) -> str:
         lines = [f"written: {self.written}", f"skipped: {self.num_skipped}"]
-        for reason, skips in sorted(self.skipped.items()):
-            lines.append(f"  {reason}: {len(skips)}")
-            for skip in skips[:max_listed]:
+        for reason, count in self.counts().items():
+            lines.append(f"  {reason}: {count}")
+            for skip in self.skipped.get(reason, [])[:max_listed]:
                 lines.append(f"    {skip.id}" + (f" ({skip.detail})" if skip.detail else ""))
-            if len(skips) > max_listed:
-                lines.append(f"    ... and {len(skips) - max_listed} more")
+            if count > max_listed:
+                lines.append(f"    ... and {count - max_listed} more")
         return "\n".join(lines)
 
 
@@ -281,18 +293,36 @@ def collect_items(images_dir: str | os.PathLike, captions_file: str | os.PathLik
     return items, skips
 
 
+def caption_skip(item_id: str, caption: str | None) -> Skip | None:
+    """Why an item with this caption is skipped before its image is read (``None``: it is not)."""
+    if caption is None:
+        return Skip(item_id, MISSING_CAPTION, "no caption text found for this image")
+    if not caption.strip():
+        return Skip(item_id, EMPTY_CAPTION)
+    return None
+
+
 def load_item(item: Item, source: str = "") -> Example | Skip:
     """Reads one item into an ``Example`` (original bytes), or says why it is skipped."""
-    from PIL import Image
-
-    if item.caption is None:
-        return Skip(item.id, MISSING_CAPTION, "no caption text found for this image")
-    if not item.caption.strip():
-        return Skip(item.id, EMPTY_CAPTION)
+    skip = caption_skip(item.id, item.caption)
+    if skip is not None:
+        return skip
     try:
         data = Path(item.path).read_bytes()
     except OSError as e:
         return Skip(item.id, MISSING_IMAGE, str(e))
+    return load_bytes(dataclasses.replace(item, path="", data=data), source)
+
+
+def load_bytes(item: Item, source: str = "") -> Example | Skip:
+    """An ``Example`` of ``item.data`` (the encoded image, stored as it is) or why it is skipped:
+    every input (folder, WebDataset, parquet, Hugging Face) makes its records here."""
+    from PIL import Image
+
+    skip = caption_skip(item.id, item.caption)
+    if skip is not None:
+        return skip
+    data = item.data
     fmt = image_format(data)
     if fmt not in SUPPORTED_FORMATS:
         if fmt == "unknown":
@@ -322,61 +352,76 @@ def load_item(item: Item, source: str = "") -> Example | Skip:
                    metadata=json.dumps(metadata, sort_keys=True))
 
 
-def _load_item_star(args: tuple[Item, str]) -> Example | Skip:
-    return load_item(*args)
+def load_any(item: Item, source: str = "") -> Example | Skip:
+    """``load_bytes`` for an item read whole, ``load_item`` for one on disk."""
+    return load_bytes(item, source) if item.data else load_item(item, source)
 
 
-def load_items(items: list[Item], source: str = "", workers: int = 1,
+def load_items(items: Iterable[Item | Skip], source: str = "", workers: int = 1,
                progress: Callable[[Iterable], Iterable] | None = None) -> Iterator[Example | Skip]:
-    """``load_item`` over ``items`` in order, in ``workers`` processes (1: in this process)."""
+    """``load_any`` over ``items`` in order (a ``Skip`` among them passes through), in ``workers``
+    processes (1: in this process), at most ``8 * workers`` items in flight (a stream of tar or
+    parquet images is never held whole)."""
     wrap = progress or (lambda it: it)
-    if workers <= 1 or len(items) < 2:
-        yield from wrap(load_item(item, source) for item in items)
+    if workers <= 1 or (isinstance(items, list) and len(items) < 2):
+        yield from wrap(it if isinstance(it, Skip) else load_any(it, source) for it in items)
         return
     # spawn: forking a process that has JAX (threads) loaded can deadlock.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        chunksize = max(1, min(64, len(items) // (4 * workers)))
-        yield from wrap(pool.map(_load_item_star, [(item, source) for item in items],
-                                 chunksize=chunksize))
+        def results() -> Iterator[Example | Skip]:
+            pending: collections.deque = collections.deque()
+            for it in items:
+                pending.append(it if isinstance(it, Skip) else pool.submit(load_any, it, source))
+                if len(pending) >= 8 * workers:
+                    head = pending.popleft()
+                    yield head if isinstance(head, Skip) else head.result()
+            for head in pending:
+                yield head if isinstance(head, Skip) else head.result()
+
+        yield from wrap(results())
 
 
-def examples_with_report(results: Iterable[Example | Skip], report: BuildReport
-                         ) -> Iterator[Example]:
-    """Yields the examples of ``results`` and records skips and the count in ``report``."""
+def examples_with_report(results: Iterable[Example | Skip], report: BuildReport,
+                         dedup: bool = False) -> Iterator[Example]:
+    """Yields the examples of ``results`` and records skips and the count in ``report``; with
+    ``dedup`` an image whose bytes (sha256) equal an earlier one's is skipped as
+    ``duplicate image``."""
+    first_id: dict[bytes, str] = {}
     for result in results:
         if isinstance(result, Skip):
             report.add_skip(result)
-        else:
-            report.written += 1
-            yield result
+            continue
+        if dedup:
+            digest = hashlib.sha256(result.image_bytes).digest()
+            if digest in first_id:
+                report.add_skip(Skip(result.id, DUPLICATE_IMAGE,
+                                     f"same bytes as {first_id[digest]}"))
+                continue
+            first_id[digest] = result.id
+        report.written += 1
+        yield result
 
 
-def build_records(images_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  captions_file: str | os.PathLike | None = None, num_shards: int = 1,
-                  workers: int = 1, source: str = "", overwrite: bool = False,
-                  show_progress: bool = False) -> BuildReport:
-    """Converts an image folder with captions to sharded lens records; returns the report.
-
-    Nothing is written when no image is usable (``RecordError``).
-    """
+def write_items(items: Iterable[Item | Skip], out_dir: str | os.PathLike, what: str,
+                total: int | None = None, num_shards: int = 1, workers: int = 1,
+                source: str = "", overwrite: bool = False, show_progress: bool = False,
+                dedup: bool = False) -> BuildReport:
+    """Loads ``items`` (``load_items``) into sharded lens records in ``out_dir``; returns the
+    report. ``what`` names the input in errors; ``total`` sizes the progress bar. Nothing is
+    written when no image is usable (``RecordError``)."""
     from lens_jax.data.records import write_shards
 
-    items, early_skips = collect_items(images_dir, captions_file)
     report = BuildReport()
-    for skip in early_skips:
-        report.add_skip(skip)
-    if not items:
-        raise RecordError(f"{images_dir}: no image to convert\n{report.format()}")
     progress = None
     if show_progress:
         from tqdm import tqdm
 
         def progress(it):
-            return tqdm(it, total=len(items), desc="build", unit="img")
+            return tqdm(it, total=total, desc="build", unit="img")
 
     results = load_items(items, source=source, workers=workers, progress=progress)
-    examples = examples_with_report(results, report)
+    examples = examples_with_report(results, report, dedup=dedup)
 
     class _NoExamples(Exception):
         pass
@@ -390,6 +435,38 @@ def build_records(images_dir: str | os.PathLike, out_dir: str | os.PathLike,
         write_shards(checked(), out_dir, num_shards, overwrite=overwrite,
                      extra_manifest=lambda: {"source": source, "build": report.summary()})
     except _NoExamples:
-        raise RecordError(f"{images_dir}: every image was skipped, nothing written\n"
-                          f"{report.format()}") from None
+        raise nothing_written(what, report) from None
     return report
+
+
+def nothing_written(what: str, report: BuildReport) -> RecordError:
+    """The error of a build whose every image was skipped."""
+    return RecordError(f"{what}: every image was skipped, nothing written\n{report.format()}")
+
+
+def folder_items(images_dir: str | os.PathLike, captions_file: str | os.PathLike | None = None,
+                 ) -> list[Item | Skip]:
+    """What a folder build loads, in order: the entries skipped before reading any image, then
+    the items (``collect_items``); ``RecordError`` with the report when there is no item."""
+    items, early_skips = collect_items(images_dir, captions_file)
+    if not items:
+        report = BuildReport()
+        for skip in early_skips:
+            report.add_skip(skip)
+        raise RecordError(f"{images_dir}: no image to convert\n{report.format()}")
+    return [*early_skips, *items]
+
+
+def build_records(images_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  captions_file: str | os.PathLike | None = None, num_shards: int = 1,
+                  workers: int = 1, source: str = "", overwrite: bool = False,
+                  show_progress: bool = False, dedup: bool = False) -> BuildReport:
+    """Converts an image folder with captions to sharded lens records; returns the report.
+
+    Nothing is written when no image is usable (``RecordError``).
+    """
+    items = folder_items(images_dir, captions_file)
+    return write_items(items, out_dir, what=str(images_dir), total=len(items),
+                       num_shards=num_shards,
+                       workers=workers, source=source, overwrite=overwrite,
+                       show_progress=show_progress, dedup=dedup)

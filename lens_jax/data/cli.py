@@ -5,6 +5,7 @@ Subcommands:
   inspect       counts, caption-length and resolution statistics, a few examples
   synth-shapes  synthetic coloured-shapes dataset with ground-truth layouts
   tfds-prepare  prepare the ``lens_records`` TFDS dataset (ArrayRecord, no TensorFlow needed)
+  caption       re-caption records densely with an OpenAI-compatible vision-language endpoint
 
 Each subcommand is one ``add_*`` function registered in ``SUBCOMMANDS``; a new one only has to
 append its own ``add_*(subparsers)`` that sets ``func`` on its parser.
@@ -20,7 +21,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
-from lens_jax.data.records import RecordError
+from lens_jax.errors import CaptionError, RecordError
 
 
 def _positive_int(text: str) -> int:
@@ -53,9 +54,55 @@ def add_build(subparsers) -> None:
             empty or not UTF-8, and malformed rows are skipped; the report counts them by reason
             and names them (file and line for rows). With fewer images than --num-shards, one
             shard per image is written (no empty shards). --out may not contain, equal or lie
-            inside --images or --captions; --overwrite replaces only a folder of lens records."""),
+            inside an input; --overwrite replaces only a folder of lens records.
+
+            Other inputs (instead of --images; every path but --tfds may be gs://): WebDataset tar shards
+            as img2dataset writes them (--webdataset 'shards/{00000..00099}.tar': KEY.jpg/png/
+            webp with the caption in KEY.txt, or in a field of KEY.json with --caption-field,
+            optionally KEY.short.txt); parquet files with image bytes and caption columns
+            (--parquet, --image-column, --caption-column; Hugging Face's Image struct
+            {bytes, path} is read too); a Hugging Face dataset saved with save_to_disk
+            (--hf-dataset, read with pyarrow); a TFDS dataset prepared as ArrayRecord (--tfds
+            tfds:NAME[:SPLIT][@DATA_DIR], features by flattened name). Unreadable files, tar
+            members and records, samples without an image and rows without image bytes are
+            skipped and counted too.
+
+            The build is an Apache Beam pipeline: --runner DirectRunner (default) on this machine
+            in --workers processes, or DataflowRunner / FlinkRunner / SparkRunner with their
+            pipeline options (any flag not listed here is passed to Beam). The records, the
+            report and the shard layout are the same on every runner and with --runner local
+            (no Beam)."""),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", help="folder of images (searched recursively)")
+    inputs.add_argument("--webdataset", nargs="+", metavar="PATTERN",
+                        help="WebDataset tar shards: files, globs or brace patterns "
+                             "('shards/{00000..00099}.tar'; quote them)")
+    inputs.add_argument("--parquet", nargs="+", metavar="FILE",
+                        help="parquet files (or globs / brace patterns), one image per row")
+    inputs.add_argument("--hf-dataset", metavar="DIR",
+                        help="a Hugging Face dataset saved with save_to_disk (Dataset or "
+                             "DatasetDict folder; for one on the Hub, pass its parquet files to "
+                             "--parquet)")
+    inputs.add_argument("--tfds", metavar="SPEC",
+                        help="a TFDS dataset prepared as ArrayRecord: tfds:NAME[:SPLIT][@DATA_DIR] "
+                             "(features by flattened name: --image-column image, "
+                             "--caption-column e.g. captions/text)")
+    p.add_argument("--caption-field", default=None,
+                   help="--webdataset: take the caption from this field of KEY.json (default: "
+                        "KEY.txt, else the json's 'caption')")
+    p.add_argument("--image-column", default="image",
+                   help="--parquet/--hf-dataset/--tfds: column (feature) of encoded image bytes "
+                        "(default image)")
+    p.add_argument("--caption-column", default="caption",
+                   help="--parquet/--hf-dataset/--tfds: caption column (default caption)")
+    p.add_argument("--short-caption-column", default=None,
+                   help="--parquet/--hf-dataset/--tfds: short caption column (default: none)")
+    p.add_argument("--id-column", default="key",
+                   help="--parquet/--hf-dataset/--tfds: column of record ids, used when present "
+                        "(default key, img2dataset's; otherwise FILE:ROW or NAME:INDEX)")
+    p.add_argument("--hf-split", default="train",
+                   help="--hf-dataset: the split of a DatasetDict (default train)")
     p.add_argument("--captions", default=None,
                    help="JSONL/CSV/TSV file of path, caption[, short_caption]; paths relative to "
                         "--images or absolute (default: IMG.txt / IMG.short.txt beside each image)")
@@ -64,12 +111,23 @@ def add_build(subparsers) -> None:
     p.add_argument("--num-shards", type=_positive_int, default=1,
                    help="number of ArrayRecord shards, examples go round-robin (default 1)")
     p.add_argument("--workers", type=_positive_int, default=_default_workers(),
-                   help="processes reading and checking images (default: CPU count, at most 8)")
+                   help="processes reading and checking images (DirectRunner and --runner "
+                        "local; default: CPU count, at most 8)")
     p.add_argument("--source", default="",
-                   help="source tag stored in every record (default: the image folder's name)")
+                   help="source tag stored in every record (default: the name of the input "
+                        "folder, or of the folder holding the first input file)")
+    p.add_argument("--dedup", action="store_true",
+                   help="drop images whose bytes (sha256) equal an earlier image's; the report "
+                        "counts them as 'duplicate image'")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_build)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--runner local)")
+    p.add_argument("--runner", default="DirectRunner",
+                   help="Apache Beam runner (default DirectRunner: --workers processes on this "
+                        "machine; DataflowRunner, FlinkRunner, SparkRunner, ...: any other Beam "
+                        "pipeline option, e.g. --project, --region, --temp_location, "
+                        "--setup_file, is passed to the pipeline as given), or 'local': the same "
+                        "records with a process pool and a progress bar, without Beam")
+    p.set_defaults(func=run_build, accepts_pipeline_args=True)
 
 
 def check_records_output(args: argparse.Namespace, inputs: dict, command: str) -> None:
@@ -82,16 +140,70 @@ def check_records_output(args: argparse.Namespace, inputs: dict, command: str) -
         output_guard.check_replaceable(args.out, OUTPUT_PATTERNS, command)
 
 
+def build_inputs(args: argparse.Namespace):
+    """``(parts, read_part, inputs, name)`` of ``lens-data build``: the input in parts (a file,
+    or a slice of an image folder) that ``read_part`` turns into items in order, the input paths
+    (for the output checks) and a name for errors and the default source tag."""
+    import functools
+
+    from lens_jax.data import beam_build, build_inputs
+    from lens_jax.data.build import folder_items
+
+    if args.images is not None:
+        return (beam_build.chunks(folder_items(args.images, args.captions)), beam_build.read_list,
+                {"--images": args.images, "--captions": args.captions}, args.images)
+    if args.captions:
+        raise ValueError("--captions goes with --images only")
+    if args.webdataset:
+        files = build_inputs.expand_paths(args.webdataset, "--webdataset")
+        return (files, functools.partial(beam_build.read_files, build_inputs.iter_webdataset,
+                                         caption_field=args.caption_field),
+                {f"--webdataset {p}": p for p in files}, os.path.dirname(files[0]))
+    columns = dict(image_column=args.image_column, caption_column=args.caption_column,
+                   short_column=args.short_caption_column, id_column=args.id_column)
+    if args.parquet:
+        files = build_inputs.expand_paths(args.parquet, "--parquet")
+        return (files, functools.partial(beam_build.read_files, build_inputs.iter_parquet, **columns),
+                {f"--parquet {p}": p for p in files}, os.path.dirname(files[0]))
+    if args.tfds:
+        from lens_jax.data.tfds_builder import parse_spec
+
+        name, _, data_dir = parse_spec(args.tfds)
+        paths = [p for p in (data_dir, name if os.path.isdir(name) else None) if p]
+        return ([args.tfds], functools.partial(build_inputs.iter_tfds, **columns),
+                {f"--tfds {p}": p for p in paths}, name)
+    return ([args.hf_dataset], functools.partial(build_inputs.iter_hf_dataset, split=args.hf_split,
+                                                 **columns),
+            {f"--hf-dataset {args.hf_dataset}": args.hf_dataset}, args.hf_dataset)
+
+
 def run_build(args: argparse.Namespace) -> int:
-    from lens_jax.data.build import build_records
+    import itertools
+
     from lens_jax.data.records import list_shards
 
-    check_records_output(args, {"--images": args.images, "--captions": args.captions},
-                         "lens-data build")
-    source = args.source or os.path.basename(os.path.normpath(args.images))
-    report = build_records(args.images, args.out, captions_file=args.captions,
-                           num_shards=args.num_shards, workers=args.workers, source=source,
-                           overwrite=args.overwrite, show_progress=not args.no_progress)
+    if args.runner == "local" and args.pipeline_args:
+        raise ValueError(f"--runner local takes no Beam pipeline options: "
+                         f"{' '.join(args.pipeline_args)}")
+    parts, read_part, inputs, name = build_inputs(args)
+    check_records_output(args, inputs, "lens-data build")
+    source = args.source or os.path.basename(os.path.normpath(name)) or "data"
+    if args.runner == "local":
+        from lens_jax.data.build import write_items
+
+        items = itertools.chain.from_iterable(read_part(part) for part in parts)
+        total = sum(map(len, parts)) if args.images is not None else None
+        report = write_items(items, args.out, what=name, total=total,
+                             num_shards=args.num_shards, workers=args.workers, source=source,
+                             overwrite=args.overwrite, show_progress=not args.no_progress,
+                             dedup=args.dedup)
+    else:
+        from lens_jax.data import beam_build
+
+        report, _ = beam_build.run(parts, read_part, args.out, what=name,
+                                   num_shards=args.num_shards, source=source, dedup=args.dedup,
+                                   overwrite=args.overwrite, workers=args.workers,
+                                   pipeline_args=["--runner", args.runner, *args.pipeline_args])
     print(f"wrote {args.out} ({len(list_shards(args.out))} shard(s), source {source!r})")
     print(report.format())
     return 0
@@ -309,8 +421,95 @@ def run_tfds_prepare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# caption
 
-SUBCOMMANDS: list[Callable] = [add_build, add_inspect, add_synth_shapes, add_tfds_prepare]
+
+def add_caption(subparsers) -> None:
+    p = subparsers.add_parser(
+        "caption", help="re-caption records densely with an OpenAI-compatible VLM endpoint",
+        description=textwrap.dedent("""\
+            Send every image of --records to an OpenAI-compatible chat-completions endpoint with
+            image input (a local vLLM or SGLang server of an open vision-language model, or a
+            hosted API) with a Lens-style dense prompt (about 100 words: colour, shape, size,
+            texture, quantity, text and spatial relationships of the objects and background)
+            and a short one, and write the records to --out with the dense caption in
+            'caption' and the short one in 'short_caption' (the old ones are kept in the
+            metadata as original_caption / original_short_caption). 429, 5xx, timeouts and
+            malformed replies are retried with exponential backoff (Retry-After honoured);
+            images that still fail are left out and counted (rerun to retry them). Every
+            caption received goes at once to the --cache JSONL, so a rerun after a crash or
+            Ctrl-C never captions an image twice. The output folder appears only when the run
+            completes."""),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", required=True,
+                   help="input lens records (folder, glob, file or comma-separated list)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--endpoint", required=True,
+                   help="base URL of the API, e.g. http://127.0.0.1:8000/v1 "
+                        "(/chat/completions is appended)")
+    p.add_argument("--model", required=True, help="model name sent in each request")
+    p.add_argument("--api-key-env", default=None,
+                   help="environment variable holding the API key (sent as a Bearer token; "
+                        "default: no key)")
+    p.add_argument("--concurrency", type=_positive_int, default=8,
+                   help="requests in flight at once (default 8)")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="retries of one request after 429/5xx/timeout/malformed reply (default 5)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for one reply (default 120)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="seconds before the first retry, doubled each retry, at most 60 "
+                        "(default 1; a Retry-After header overrides it)")
+    p.add_argument("--cache", default=None,
+                   help="local JSONL cache of received captions, reused by reruns (default: "
+                        "OUT.captions.jsonl beside --out; for a gs:// --out under "
+                        "$LENS_CACHE_DIR/captions/)")
+    p.add_argument("--num-shards", type=_positive_int, default=None,
+                   help="output shards (default: as many as the input)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_caption)
+
+
+def default_caption_cache(out: str) -> str:
+    """``OUT.captions.jsonl`` beside a local ``--out``; for ``gs://`` (no appends there) the same
+    name under the local cache, ``$LENS_CACHE_DIR/captions/BUCKET/PATH.captions.jsonl``."""
+    from lens_jax import storage
+
+    out = out.rstrip("/")
+    if storage.is_remote(out):
+        return os.fspath(storage.cache_dir() / "captions" / out[len("gs://"):]) + ".captions.jsonl"
+    return os.path.normpath(out) + ".captions.jsonl"
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from lens_jax import output_guard
+    from lens_jax.data.caption import CaptionConfig, caption_records
+
+    cache = args.cache or default_caption_cache(args.out)
+    check_records_output(args, {"--records": args.records, "--cache": cache}, "lens-data caption")
+    output_guard.check_output(cache, {"--out": args.out, "--records": args.records}, "--cache")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {args.api_key_env}: the variable is not set")
+    cfg = CaptionConfig(endpoint=args.endpoint, model=args.model, api_key=api_key,
+                        concurrency=args.concurrency, max_retries=args.max_retries,
+                        timeout=args.timeout, backoff=args.backoff)
+    with output_guard.interrupts_raise():
+        report = caption_records(args.records, args.out, cfg, cache,
+                                 num_shards=args.num_shards, overwrite=args.overwrite,
+                                 show_progress=not args.no_progress)
+    print(f"wrote {args.out} (captions cached in {cache})")
+    print(report.format())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable] = [add_build, add_inspect, add_synth_shapes, add_tfds_prepare,
+                               add_caption]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,10 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``lens-data``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, pipeline_args = parser.parse_known_args(argv)
+    if pipeline_args and not getattr(args, "accepts_pipeline_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(pipeline_args)}")
+    args.pipeline_args = pipeline_args
     try:
         return int(args.func(args) or 0)
-    except (RecordError, FileExistsError, ValueError) as e:
+    except (RecordError, FileExistsError, ValueError, CaptionError) as e:
         print(f"lens-data {args.command}: error: {e}", file=sys.stderr)
         return 2
 

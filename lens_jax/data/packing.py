@@ -7,7 +7,7 @@ denoiser text tokens (the templated ids after the preamble). Budgets are separat
 because the model consumes two separately shaped sequences; a row is valid when both fit.
 
 Per token: a segment id (1..K; 0 = padding) and a 3-axis RoPE position from
-``lens_jax.models.rope`` (image tokens: ``image_positions(h, w)``; text tokens:
+``lens_jax.models.positions`` (image tokens: ``image_positions(h, w)``; text tokens:
 ``text_positions(h, w, n)``, i.e. positions restart for every segment). Per segment: latent
 ``(h, w)``, image token offset, text offset/length, caption ids + mask, validity.
 
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from lens_jax.data.buckets import to_unit_range
-from lens_jax.models.rope import image_positions, text_positions
+from lens_jax.models.positions import image_positions, text_positions
 
 Element = dict[str, Any]
 

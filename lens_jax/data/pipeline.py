@@ -35,12 +35,13 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 
-from lens_jax.data import records
+from lens_jax.data import records, sources
 from lens_jax.data.buckets import (Bucket, assign_bucket, draft_size, make_buckets,
                                    patchify_image, resize_and_crop)
 from lens_jax.data.packing import (BucketBatcher, PackingConfig, StreamingPacker, build_batch,
                                    check_fits)
 from lens_jax.data.tokenize import CaptionTokenizer, load_caption_tokenizer
+from lens_jax.errors import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class _ExampleLoader:
 
         try:
             ex = records.decode_example(self.source[example_index])
-        except records.RecordError:
+        except RecordError:
             return skip("bad_record")
         if not ex.caption.strip() and not ex.short_caption.strip():
             return skip("empty_caption")
@@ -462,7 +463,7 @@ def make_pipeline(config: ml_collections.ConfigDict, mesh=None, *,
     if source is None:
         if not cfg.path:
             raise ValueError("config.path is empty: give a records folder/glob or a tfds: spec")
-        source = records.open_source(cfg.path)
+        source = sources.open_source(cfg.path)
     if tokenizer is None:
         tokenizer = load_caption_tokenizer(cfg.tokenizer, cfg.template_date, cfg.caption_length)
     buckets = make_buckets(tuple(cfg.base_sizes), float(cfg.bucket_scale))

@@ -36,7 +36,8 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from lens_jax import storage
+from lens_jax import output_guard, storage
+from lens_jax.errors import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 _TEXT_FIELDS = ("caption", "short_caption", "id", "source", "metadata")
 _INT_FIELDS = ("width", "height")
-
-
-class RecordError(ValueError):
-    """A record (or a record path) is not what the lens record format expects."""
 
 
 @dataclasses.dataclass
@@ -270,15 +267,13 @@ def write_shards(examples: Iterable[Example], out_dir: str | os.PathLike, num_sh
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from lens_jax.convert.safetensors_io import atomic_output_dir
-
     if num_shards < 1:
         raise RecordError(f"num_shards must be >= 1, got {num_shards}")
     if not prefix or "/" in prefix or prefix.startswith("."):
         raise RecordError(f"invalid shard prefix {prefix!r}")
     names = [shard_name(prefix, i, num_shards) for i in range(num_shards)]
     counts = [0] * num_shards
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with output_guard.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writers = [ArrayRecordWriter(str(tmp / name), WRITER_OPTIONS) for name in names]
         try:
             for i, ex in enumerate(examples):
@@ -299,21 +294,29 @@ def write_shards(examples: Iterable[Example], out_dir: str | os.PathLike, num_sh
             for i, name in enumerate(names):
                 os.replace(tmp / shard_name(prefix, i, num_shards), tmp / name)
             counts = counts[:kept]
-        manifest = {
-            "format": "lens_records",
-            "schema_version": SCHEMA_VERSION,
-            "num_examples": sum(counts),
-            "shards": dict(zip(names, counts)),
-        }
         if callable(extra_manifest):
             extra_manifest = extra_manifest()
-        if extra_manifest:
-            manifest.update(extra_manifest)
-        with open(tmp / MANIFEST_NAME, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_manifest(tmp, dict(zip(names, counts)), extra_manifest)
     out = Path(out_dir).absolute()
     return [str(out / name) for name in names]
+
+
+def write_manifest(folder: str | os.PathLike, shards: dict[str, int],
+                   extra: dict[str, Any] | None = None) -> None:
+    """Writes ``lens_records.json`` into ``folder`` (local or ``gs://``): schema version, the
+    record count of each shard (``shards``: name -> count) and their sum, and ``extra``."""
+    manifest = {
+        "format": "lens_records",
+        "schema_version": SCHEMA_VERSION,
+        "num_examples": sum(shards.values()),
+        "shards": shards,
+        **(extra or {}),
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    if storage.is_remote(folder):
+        storage.write_text(storage.path(folder) / MANIFEST_NAME, text)
+    else:
+        Path(folder, MANIFEST_NAME).write_text(text)
 
 
 # What ``write_shards`` puts in its folder (``--overwrite`` replaces a folder holding only these).
@@ -323,18 +326,13 @@ OUTPUT_PATTERNS = (MANIFEST_NAME, f"*{SHARD_MARKER}-*")
 def open_source(path_or_shards: str | os.PathLike | Sequence[str | os.PathLike]):
     """A grain ``RandomAccessDataSource`` of raw record bytes (decode with ``decode_example``).
 
-    Accepts everything ``list_shards`` does, or ``tfds:NAME[:SPLIT][@DATA_DIR]`` /
-    ``tfds:DATASET_DIR[:SPLIT]`` for a dataset prepared by the ``lens_records`` TFDS builder.
+    Accepts everything ``list_shards`` does (``tfds:`` specs: ``lens_jax.data.sources``).
     ArrayRecord's reader opens local files only (it cannot read ``gs://``): ``gs://`` shards are
     copied once into the local cache (``lens_jax.storage.local_file``: ``$LENS_CACHE_DIR``, default
     ``~/.cache/lens_jax``; a copy is reused while its size matches) and read from there.
     """
     import grain
 
-    if isinstance(path_or_shards, str) and path_or_shards.startswith("tfds:"):
-        from lens_jax.data.tfds_builder import tfds_source_from_spec
-
-        return tfds_source_from_spec(path_or_shards)
     shards = list_shards(path_or_shards)
     if any(storage.is_remote(s) for s in shards):
         log.info("reading %d gs:// record shard(s) through the local cache %s", len(shards), storage.cache_dir())

@@ -19,7 +19,7 @@ record format, so every raw record of a prepared split decodes with
 Reading:
 
 - ``tfds_source(name_or_dir, split)``: a grain ``ArrayRecordDataSource`` of raw record bytes
-  (decode with ``records.decode_example``); ``records.open_source("tfds:...")`` calls it.
+  (decode with ``records.decode_example``); ``lens_jax.data.sources.open_source("tfds:...")`` calls it.
 - ``tfds.data_source("lens_records/CONFIG", data_dir=DIR, split="train")`` (after importing this
   module) or ``tfds.builder_from_directory(DIR/lens_records/CONFIG/1.0.0).as_data_source()``:
   TFDS' own decoded dicts (bytes for text fields).
@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lens_jax.data import records
+from lens_jax.errors import RecordError
 
 NAME = "lens_records"
 _SPLIT_FILE_MARKER = "dataset_info.json"
@@ -177,12 +178,12 @@ def _read_only_builder(name_or_dir: str, data_dir: str | None) -> tfds.core.Data
         versions = sorted(p for p in path.iterdir() if (p / _SPLIT_FILE_MARKER).is_file())
         if versions:  # a dataset or config folder: take the newest version
             return tfds.builder_from_directory(str(versions[-1]))
-        raise records.RecordError(f"{path}: not a prepared TFDS dataset folder (no "
+        raise RecordError(f"{path}: not a prepared TFDS dataset folder (no "
                                   f"{_SPLIT_FILE_MARKER} in it or in a version folder below)")
     if data_dir is None:
         data_dir = os.environ.get("TFDS_DATA_DIR")
     if data_dir is None:
-        raise records.RecordError(f"tfds dataset {name_or_dir!r}: give its data_dir "
+        raise RecordError(f"tfds dataset {name_or_dir!r}: give its data_dir "
                                   "(tfds:NAME[:SPLIT]@DATA_DIR) or set TFDS_DATA_DIR")
     # Read from the prepared files: configs of lens_records are not registered by name.
     dataset_name, _, config = name_or_dir.partition("/")
@@ -195,7 +196,7 @@ def _read_only_builder(name_or_dir: str, data_dir: str | None) -> tfds.core.Data
     try:
         return tfds.builder(name_or_dir, data_dir=data_dir)
     except Exception as e:
-        raise records.RecordError(f"tfds dataset {name_or_dir!r} not found in {data_dir} "
+        raise RecordError(f"tfds dataset {name_or_dir!r} not found in {data_dir} "
                                   f"({type(e).__name__}: {e})") from e
 
 
@@ -214,14 +215,14 @@ def tfds_source(name_or_dir: str, split: str = "train", data_dir: str | None = N
     builder = _read_only_builder(name_or_dir, data_dir)
     file_format = builder.info.file_format
     if file_format is not None and "array_record" not in str(file_format).lower():
-        raise records.RecordError(f"tfds dataset {name_or_dir!r} is stored as {file_format}; "
+        raise RecordError(f"tfds dataset {name_or_dir!r} is stored as {file_format}; "
                                   "random access needs file_format=array_record")
     if decoded:
         return builder.as_data_source(split=split)
     try:
         instructions = builder.info.splits[split].file_instructions
     except (KeyError, ValueError) as e:
-        raise records.RecordError(f"tfds dataset {name_or_dir!r}: no split {split!r} "
+        raise RecordError(f"tfds dataset {name_or_dir!r}: no split {split!r} "
                                   f"(has {sorted(builder.info.splits)})") from e
     return grain.sources.ArrayRecordDataSource(list(instructions))
 
@@ -233,7 +234,7 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     use TFDS slicing (``train[:95%]``).
     """
     if not spec.startswith("tfds:"):
-        raise records.RecordError(f"{spec!r}: a TFDS source spec starts with 'tfds:'")
+        raise RecordError(f"{spec!r}: a TFDS source spec starts with 'tfds:'")
     body = spec[len("tfds:"):]
     body, at, data_dir = body.partition("@")
     name, split = body, "train"
@@ -241,7 +242,7 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     if match and match.start() > 0:
         name, split = body[:match.start()], match.group(1)
     if not name:
-        raise records.RecordError(f"{spec!r}: no dataset name (tfds:NAME[:SPLIT][@DATA_DIR])")
+        raise RecordError(f"{spec!r}: no dataset name (tfds:NAME[:SPLIT][@DATA_DIR])")
     return name, split, (data_dir or None) if at else None
 
 

@@ -30,7 +30,7 @@ def _base_template(config: ml_collections.ConfigDict) -> dict:
 def restore_lora(workdir: str | Path, step: int = -1, ema: bool = True, with_base: bool = False
                  ) -> tuple[dict, dict | None, int, str, adapters_lib.LoraSpec, ml_collections.ConfigDict]:
     """``(adapters, base or None, step, "ema"|"params", spec, config)`` of a LoRA run's checkpoint."""
-    from lens_jax.train.export import restore_items, run_config
+    from lens_jax.train.run_files import restore_items, run_config
 
     config = run_config(workdir)
     if "lora" not in config or int(config.lora.rank) <= 0:
@@ -67,9 +67,9 @@ def export(workdir: str | Path, out: str | Path, step: int = -1, ema: bool = Tru
         print(f"exported the {name} LoRA (rank {spec.rank}, alpha {spec.alpha:g}, "
               f"{', '.join(spec.targets)}) of step {step} from {workdir} to {path} ({spelling} keys)")
         return path
-    from lens_jax.convert import keymap
-    from lens_jax.convert.transformer import model_from_params, save_transformer
-    from lens_jax.train.export import run_config
+    from lens_jax.checkpoints import keymap
+    from lens_jax.checkpoints.transformer import model_from_params, save_transformer
+    from lens_jax.train.run_files import run_config
 
     merged, step, name = restore_merged(workdir, step, ema, scale)
     cfg = ml_collections.ConfigDict(run_config(workdir).model.to_dict())

@@ -23,16 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lens_jax.errors import LoraFileError
 from lens_jax.lora import adapters as adapters_lib
 from lens_jax.lora import keys
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 METADATA_KEY = "lora_adapter_metadata"
-
-
-class LoraFileError(ValueError):
-    """A LoRA file that cannot be read or does not fit the model; the message names keys/shapes."""
 
 
 @dataclasses.dataclass
@@ -88,8 +85,8 @@ def read_lora(path: str | os.PathLike, model_config) -> LoraWeights:
     the offending keys otherwise."""
     from safetensors import SafetensorError, safe_open
 
-    from lens_jax.convert.safetensors_io import CheckpointError, check_safetensors_file
-    from lens_jax.convert.transformer import transformer_mappings
+    from lens_jax.checkpoints.safetensors_io import CheckpointError, check_safetensors_file
+    from lens_jax.checkpoints.transformer import transformer_mappings
 
     path = Path(path)
     if path.is_dir():
@@ -159,8 +156,8 @@ def read_lora(path: str | os.PathLike, model_config) -> LoraWeights:
 def merge_lora(model, lora: LoraWeights | str | os.PathLike, scale: float = 1.0):
     """Adds ``scale * alpha/r * B @ A`` of every module of ``lora`` to ``model``'s weights, in place
     (each kernel keeps its dtype and sharding; the sum is float32). Returns the model."""
-    from lens_jax.convert import keymap
-    from lens_jax.convert.transformer import transformer_mappings
+    from lens_jax.checkpoints import keymap
+    from lens_jax.checkpoints.transformer import transformer_mappings
 
     cfg = model.config
     if not isinstance(lora, LoraWeights):
@@ -239,7 +236,8 @@ def write_lora(out: str | os.PathLike, adapters: dict, spec: adapters_lib.LoraSp
     """Writes ``out/pytorch_lora_weights.safetensors`` (+ ``adapter_config.json``), atomically."""
     from safetensors.numpy import save_file
 
-    from lens_jax.convert.safetensors_io import atomic_output_dir, write_json
+    from lens_jax.checkpoints.safetensors_io import write_json
+    from lens_jax.output_guard import atomic_output_dir
 
     tensors = lora_tensors(adapters, spec, spelling)
     config = adapter_config(spec)

@@ -20,8 +20,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from lens_jax import sharding
 from lens_jax.lora import adapters as adapters_lib
-from lens_jax.train import mesh as mesh_lib
 from lens_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class LoraTrainer(Trainer):
         abstract = {p: {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in v.items()}
                     for p, v in shapes.items()}
         specs = adapters_lib.logical_specs(self.spec, self.logical_specs["blocks"])
-        return mesh_lib.param_shardings(specs, abstract, self.mesh, self.rules)
+        return sharding.param_shardings(specs, abstract, self.mesh, self.rules)
 
     def _state_from_params(self, params, rng) -> dict:
         base = jax.tree.map(lambda x: x.astype(self.base_dtype), params)
@@ -85,3 +85,12 @@ class LoraTrainer(Trainer):
         lora = state["ema"] if (ema and self.use_ema) else state["params"]
         base = state["base"]
         return dict(base, blocks=adapters_lib.merged_blocks(base["blocks"], lora, self.spec.scale))
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
+                 with_encoders: bool = True) -> Trainer:
+    """The trainer of a config: ``LoraTrainer`` when ``config.lora.rank`` > 0, else ``Trainer``
+    (used by ``lens-train`` and ``lens-train compile``)."""
+    if "lora" in config and int(config.lora.rank) > 0:
+        return LoraTrainer(config, mesh, with_encoders)
+    return Trainer(config, mesh, with_encoders)

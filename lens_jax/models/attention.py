@@ -41,6 +41,12 @@ def xla_attention(q, k, v, segment_ids):
     return _xla_attention_fwd(q, k, v, segment_ids)[0]
 
 
+def _dot(a, b, spec):
+    """``einsum(spec, a, b)`` accumulated in float32 and rounded once to ``b``'s dtype: what a
+    bf16 einsum computes, in the form XLA:CPU runs on bf16 operands (``models/cpu_matmul.py``)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(b.dtype)
+
+
 def _logits(q, k, segment_ids):
     """Scaled, segment-masked logits ``[B, H, Nq, Nk]`` in float32."""
     scale = q.shape[-1] ** -0.5
@@ -56,7 +62,7 @@ def _xla_attention_fwd(q, k, v, segment_ids):
     unnormalized = jnp.exp(logits - row_max)
     row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
     weights = (unnormalized / row_sum).astype(v.dtype)  # = jax.nn.softmax(logits)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = _dot(weights, v, "bhqk,bkhd->bqhd")
     return out, (q, k, v, segment_ids, out, row_max, row_sum)  # row_*: [B, H, N, 1]
 
 
@@ -64,13 +70,13 @@ def _xla_attention_bwd(residuals, d_out):
     """Softmax backward ``dS = P * (dP - rowsum(dO * O))`` with ``P`` recomputed, in float32."""
     q, k, v, segment_ids, out, row_max, row_sum = residuals
     probs = jnp.exp(_logits(q, k, segment_ids) - row_max) / row_sum  # [B, H, Nq, Nk] float32
-    d_v = jnp.einsum("bhqk,bqhd->bkhd", probs.astype(v.dtype), d_out)
+    d_v = _dot(probs.astype(v.dtype), d_out, "bhqk,bqhd->bkhd")
     d_probs = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out, preferred_element_type=jnp.float32)
     d_logits = probs * (d_probs - delta[..., None]) * (q.shape[-1] ** -0.5)
     d_logits = d_logits * segment_mask(segment_ids)  # masked logits are constants
-    d_q = jnp.einsum("bhqk,bkhd->bqhd", d_logits.astype(q.dtype), k)
-    d_k = jnp.einsum("bhqk,bqhd->bkhd", d_logits.astype(k.dtype), q)
+    d_q = _dot(d_logits.astype(q.dtype), k, "bhqk,bkhd->bqhd")
+    d_k = _dot(d_logits.astype(k.dtype), q, "bhqk,bqhd->bkhd")
     return d_q, d_k, d_v, None
 
 

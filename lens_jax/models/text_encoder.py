@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.traverse_util import unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lens_jax import sharding
-from lens_jax.convert.keymap import unflatten
 from lens_jax.models import mxfp4 as mxfp4_lib
 
 LAYER_SLIDING = "sliding_attention"
@@ -271,13 +271,11 @@ def text_encoder_shardings(config: GptOssConfig, num_layers: int, mxfp4: bool, m
     ``fsdp`` (and ``tensor``) where their sizes divide ``num_local_experts``. ``encode`` derives
     its ``moe_partitioned`` layout from the same shardings.
     """
-    from lens_jax.train.mesh import param_shardings
-
     specs = param_specs(config, num_layers, mxfp4)
-    logical = unflatten({p: PartitionSpec(*axes) for p, (_, _, axes) in specs.items()})
-    abstract = unflatten({p: jax.ShapeDtypeStruct(shape, spec_dtype(kind, jnp.float32))
-                          for p, (shape, kind, _) in specs.items()})
-    return param_shardings(logical, abstract, mesh, _rule_pairs(rules))
+    logical = unflatten_dict({p: PartitionSpec(*axes) for p, (_, _, axes) in specs.items()})
+    abstract = unflatten_dict({p: jax.ShapeDtypeStruct(shape, spec_dtype(kind, jnp.float32))
+                               for p, (shape, kind, _) in specs.items()})
+    return sharding.param_shardings(logical, abstract, mesh, _rule_pairs(rules))
 
 
 def abstract_params(config: GptOssConfig, num_layers: int, mxfp4: bool, dtype=jnp.bfloat16,
@@ -287,7 +285,7 @@ def abstract_params(config: GptOssConfig, num_layers: int, mxfp4: bool, dtype=jn
     specs = param_specs(config, num_layers, mxfp4)
     shardings = (text_encoder_shardings(config, num_layers, mxfp4, mesh, rules) if mesh is not None
                  else None)
-    return unflatten({p: jax.ShapeDtypeStruct(
+    return unflatten_dict({p: jax.ShapeDtypeStruct(
         shape, spec_dtype(kind, dtype),
         sharding=None if shardings is None else shardings[p[0]] if len(p) == 1 else shardings[p[0]][p[1]])
         for p, (shape, kind, _) in specs.items()})
@@ -444,17 +442,15 @@ def moe_layout(config: GptOssConfig, num_layers: int, mxfp4: bool, batch_size: i
                rules) -> MoeLayout:
     """The MoE layout implied by ``text_encoder_shardings`` (experts) and the ``batch`` rule fitted
     to ``batch_size`` rows (tokens), on ``mesh``."""
-    from lens_jax.train.mesh import param_shardings
-
     layers = text_encoder_shardings(config, num_layers, mxfp4, mesh, rules)["layers"]
     specs = {n: PartitionSpec(*tuple(s.spec)[1:]) for n, s in layers.items() if n in EXPERT_PARAMS}
     expert_axes = {n: _spec_axes(s[0] if len(s) else None) for n, s in specs.items()}
     if len(set(expert_axes.values())) != 1:
         raise ValueError(f"text encoder expert tensors are split over different mesh axes along the "
                          f"experts dim: {expert_axes}; give them one 'experts' rule")
-    rows = param_shardings({"rows": PartitionSpec("batch")},
-                           {"rows": jax.ShapeDtypeStruct((batch_size,), jnp.int32)},
-                           mesh, _rule_pairs(rules))["rows"]
+    rows = sharding.param_shardings({"rows": PartitionSpec("batch")},
+                                    {"rows": jax.ShapeDtypeStruct((batch_size,), jnp.int32)},
+                                    mesh, _rule_pairs(rules))["rows"]
     return MoeLayout(mesh=mesh, token_axes=_spec_axes(rows.spec[0] if len(rows.spec) else None),
                      expert_axes=next(iter(expert_axes.values())),
                      specs=tuple(sorted(specs.items())))

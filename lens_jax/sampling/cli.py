@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute/parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     parser.add_argument("--devices", type=int, default=None,
                         help="use the first N local devices (default: all)")
+    parser.add_argument("--placement", choices=("auto", "first_chip", "sharded"), default="auto",
+                        help="where the weights live: first_chip (GPT-OSS and the VAE on the first "
+                             "device, the denoiser on every device), sharded (GPT-OSS's experts and "
+                             "both networks' weights split over the devices: 16 GiB chips such as "
+                             "v5e), auto (sharded when the weights take more than 3/4 of a device's "
+                             "memory; default)")
     parser.add_argument("--bf16-timesteps", action="store_true",
                         help="round the model's time input like the bf16 reference pipeline")
     parser.add_argument("--compilation-cache", default=None, metavar="DIR",
@@ -264,6 +270,7 @@ def _run(args: argparse.Namespace) -> int:
     cache = False if args.no_compilation_cache else (args.compilation_cache or True)
     pipe = LensPipeline.from_pretrained(args.model, preset=args.preset, dtype=args.dtype,
                                         devices=args.devices, bf16_timesteps=args.bf16_timesteps,
+                                        placement=args.placement,
                                         compilation_cache=cache, progress=True)
     for path, scale in loras:
         pipe.load_lora(path, scale)

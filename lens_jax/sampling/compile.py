@@ -1,17 +1,19 @@
 """``lens-sample compile --topology NAME [--batch 8] [--size 1024x1024] [--steps 20] [--guidance 5]``.
 
 Compiles the sampler's programs for a TPU host from any host (libtpu's compiler, abstract weights,
-no checkpoint): prompt encoding (GPT-OSS-20B, MXFP4 experts, on the first chip as
-``LensPipeline`` places it), the whole CFG denoising loop (``denoise._denoise_jit``: batch over
-every chip of the host, denoiser replicated) and the VAE decode of one image (``LensPipeline.decode``
-decodes one at a time). The pipeline keeps all three networks' weights on the first chip, so each
-program's total there includes the other two networks' weights. Prints the table of
-``lens-train compile``; exit status 0 when everything fits, 4 (with the reason) when not.
+no checkpoint), with the weights placed as ``LensPipeline(placement=...)`` places them on that
+host (``lens_jax.sampling.placement``: ``first_chip`` or ``sharded``; ``auto`` chooses from the
+chip's HBM): prompt encoding (GPT-OSS-20B, MXFP4 experts), the whole CFG denoising loop
+(``denoise.denoise_jit``: batch over every chip of the host) and the VAE decode of one image
+(``LensPipeline.decode`` decodes one at a time, on the first chip). Each program's total on the
+first (most loaded) chip includes what it holds of the other two networks' weights. Prints the
+table of ``lens-train compile``; exit status 0 when everything fits, 4 (with the reason) when not.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lens_jax.train import compile as train_compile
 from lens_jax.train import topologies
@@ -29,20 +31,29 @@ def _abstract(tree, sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+@dataclasses.dataclass
+class SamplerCompile:
+    placement: str                              # first_chip | sharded (lens_jax.sampling.placement)
+    weight_bytes: int                           # the three networks' weights, unsharded
+    programs: list[train_compile.ProgramReport]
+
+
 def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 1024,
                     width: int = 1024, steps: int = 20, guidance: float = 5.0,
                     model_config=None, text_length: int = 512, dtype: str = "bfloat16",
-                    tiny: bool = False, log=print) -> list[train_compile.ProgramReport]:
-    """Per-chip reports of the encode, denoise and decode programs on one host of ``topo``.
+                    tiny: bool = False, placement: str = "auto", log=print) -> SamplerCompile:
+    """Per-chip reports of the encode, denoise and decode programs on one host of ``topo``, with
+    the weights placed as ``LensPipeline(placement=...)`` places them on that host.
 
     ``model_config``: the denoiser (default: the released Lens); ``tiny=True`` pairs it with the
     tiny random text encoder and VAE of the tests.
     """
     from lens_jax.models.config import transformer_config
-    from lens_jax.models.text_encoder import encode
+    from lens_jax.models.text_encoder import abstract_params, encode
     from lens_jax.models.transformer import abstract_model
     from lens_jax.sampling import denoise as denoise_lib
     from lens_jax.sampling import guidance as guidance_lib
+    from lens_jax.sampling import placement as placement_lib
     from lens_jax.text import drop_preamble
 
     devices = topologies.topology_devices(topo)[:topo.chips_per_host]  # one host's chips
@@ -51,29 +62,41 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
                          f"{topo.name} host")
     if height % 16 or width % 16:
         raise ValueError(f"--size {width}x{height}: sides must be multiples of 16")
-    mesh = Mesh(np.asarray(devices), (denoise_lib.BATCH_AXIS,), axis_types=(AxisType.Auto,))
-    first = NamedSharding(Mesh(np.asarray(devices[:1]), ("chip",)), PartitionSpec())
-    rows = NamedSharding(mesh, PartitionSpec(denoise_lib.BATCH_AXIS))
-    replicated = NamedSharding(mesh, PartitionSpec())
     cfg = model_config or transformer_config(param_dtype=dtype, dtype=dtype)
-    log(f"topology {topo.name}: one host, {len(devices)} chips; batch {batch}, {width}x{height}, "
-        f"{steps} steps, guidance {guidance}, attention={cfg.attention}")
 
-    # Text encoder: the trainer's description of GPT-OSS-20B (or the tiny one), on the first chip.
-    from lens_jax.models.text_encoder import abstract_params
-
+    # The three networks, unplaced: GPT-OSS-20B as the trainer describes it (or the tiny one), the
+    # denoiser, the VAE.
     fake = type("C", (), {})()
     fake.model, fake.text_encoder = cfg, type("T", (), {"path": "random" if tiny else ""})()
     enc = train_compile.text_encoder_spec(fake, "tpu")
-    text_params = abstract_params(enc.config, max(enc.selected) + 1, enc.mxfp4, jnp.dtype(enc.dtype),
-                                  first.mesh, ())
-    ids = jax.ShapeDtypeStruct((batch, text_length), jnp.int32, sharding=first)
-    mask = jax.ShapeDtypeStruct((batch, text_length), jnp.bool_, sharding=first)
-
-    # Denoiser, replicated over the host's chips; features after dropping the preamble (97 ids of
-    # the harmony template) and interleaving with the empty negative prompt: [2B, L, D].
+    text_layers = max(enc.selected) + 1
+    text_params = abstract_params(enc.config, text_layers, enc.mxfp4, jnp.dtype(enc.dtype))
     graphdef, state = nnx.split(abstract_model(cfg))
-    state = _abstract(state, replicated)
+    vae = train_compile.vae_model(dtype, random_small=tiny)
+    vae_graphdef, vae_state = nnx.split(vae)
+    weight_bytes = sum(placement_lib.tree_bytes(t) for t in (text_params, state, vae_state))
+    place = placement_lib.host_placement(placement, devices, weight_bytes, topo.hbm_bytes)
+    mesh = place.mesh  # None on a one-chip host: the pipeline then runs without one
+    first = NamedSharding(Mesh(np.asarray(devices[:1]), ("chip",)), PartitionSpec())
+    host = mesh or Mesh(np.asarray(devices[:1]), (denoise_lib.BATCH_AXIS,))
+    rows = NamedSharding(host, PartitionSpec(denoise_lib.BATCH_AXIS))
+    replicated = NamedSharding(host, PartitionSpec())
+    log(f"topology {topo.name}: one host, {len(devices)} chips; batch {batch}, {width}x{height}, "
+        f"{steps} steps, guidance {guidance}, attention={cfg.attention}; weights "
+        f"{weight_bytes / train_compile.GiB:.2f} GiB, placement {place.kind} (--placement {placement})")
+
+    # Placed as the pipeline places them: GPT-OSS on the first chip, or its experts and embed dims
+    # over the chips; the denoiser replicated, or FSDP over the chips; the VAE on the first chip.
+    text_params = _placed(text_params, place.text_encoder_shardings(enc.config, text_layers,
+                                                                    enc.mxfp4), first)
+    state = _placed(state, place.denoiser_shardings(state), first)
+    vae_state = _abstract(vae_state, first)
+    prompt = replicated if place.sharded else first  # host ids go where the encoder's weights are
+    ids = jax.ShapeDtypeStruct((batch, text_length), jnp.int32, sharding=prompt)
+    mask = jax.ShapeDtypeStruct((batch, text_length), jnp.bool_, sharding=prompt)
+
+    # Features after dropping the preamble (97 ids of the harmony template) and interleaving with
+    # the empty negative prompt: [2B, L, D], rows over the host's chips.
     length = text_length - 97
     feats = [jax.ShapeDtypeStruct((batch, length, int(cfg.enc_hidden_dim)), jnp.dtype(dtype))
              for _ in cfg.selected_layer_index]
@@ -85,13 +108,10 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
     noise = jax.ShapeDtypeStruct((batch, h * w, int(cfg.in_channels)), jnp.float32, sharding=rows)
     sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=replicated)
     scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
-
-    vae = train_compile.vae_model(dtype, random_small=tiny)
-    vae_graphdef, vae_state = nnx.split(vae)
-    vae_state = _abstract(vae_state, first)
     latents = jax.ShapeDtypeStruct((1, 2 * h, 2 * w, vae.config.latent_channels), jnp.dtype(dtype),
                                    sharding=first)
 
+    # What the first (most loaded) chip holds of each network.
     weights = {"encode": train_compile.per_chip_bytes(text_params),
                "denoise": train_compile.per_chip_bytes(state),
                "decode": train_compile.per_chip_bytes(vae_state)}
@@ -105,14 +125,16 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
                                                resident(name.split("[")[0]), chips)[1]
 
     def encode_fn(p, i, m):
-        out = encode(p, i, m, config=enc.config, selected=enc.selected, moe_impl=enc.moe_impl)
+        out = encode(p, i, m, config=enc.config, selected=enc.selected, moe_impl=enc.moe_impl,
+                     mesh=place.encoder_mesh, rules=place.rules)
         return drop_preamble(list(out), m, 97)
 
     reports = [run(f"encode[{batch}x{text_length}]", jax.jit(encode_fn).lower(text_params, ids, mask),
-                   (text_params, ids, mask), 0.0)]
-    lowered = denoise_lib._denoise_jit.lower(
+                   (text_params, ids, mask), 0.0, len(devices) if place.sharded else 1)]
+    lowered = denoise_lib.denoise_jit.lower(
         graphdef, state, noise, cond_feats, cond_mask, sigmas, scale, latent_hw=(h, w),
-        use_cfg=guidance != 1.0, bf16_timesteps=False, num_train_timesteps=1000, mesh=mesh)
+        use_cfg=guidance != 1.0, bf16_timesteps=False, num_train_timesteps=1000, mesh=mesh,
+        rules=place.rules)
     reports.append(run(f"denoise[{batch}x{h * w}tok,{steps}steps]", lowered,
                        (state, noise, cond_feats, cond_mask), _denoise_flops(cfg, batch, h * w, length,
                                                                             steps, guidance) / len(devices),
@@ -120,7 +142,16 @@ def compile_sampler(topo: topologies.Topology, *, batch: int = 8, height: int = 
     decode = jax.jit(lambda s, z: nnx.merge(vae_graphdef, s).decode(z))
     reports.append(run(f"decode[1x{height}x{width}]", decode.lower(vae_state, latents),
                        (vae_state, latents), 0.0))
-    return reports
+    return SamplerCompile(place.kind, weight_bytes, reports)
+
+
+def _placed(tree, shardings, first):
+    """``tree``'s leaves as ``ShapeDtypeStruct``s with ``shardings`` (a chip's ``SingleDeviceSharding``
+    becomes ``first``, the same chip as a one-device mesh)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                          sharding=first if isinstance(s, SingleDeviceSharding) else s),
+        tree, shardings)
 
 
 def _denoise_flops(cfg, batch: int, image_tokens: int, text_tokens: int, steps: int,
@@ -166,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the tiny random GPT-OSS and VAE of the tests instead of the real ones")
     p.add_argument("--attention", default=None, choices=("auto", "xla", "splash"),
                    help="override the denoiser's attention implementation")
+    p.add_argument("--placement", default="auto", choices=("auto", "first_chip", "sharded"),
+                   help="where the weights live, as LensPipeline(placement=...): first_chip (GPT-OSS "
+                        "and the VAE on the first chip, the denoiser replicated), sharded (GPT-OSS's "
+                        "experts and both networks' weights split over the host's chips), auto "
+                        "(sharded when the weights take more than 3/4 of a chip's HBM; default)")
     return p
 
 
@@ -180,28 +216,35 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model_config(args.model_config)
         if args.attention:
             model.attention = args.attention
-        reports = compile_sampler(topo, batch=args.batch, height=height, width=width,
-                                  steps=args.steps, guidance=args.guidance, model_config=model,
-                                  tiny=args.tiny_encoders,
-                                  text_length=64 + 97 if args.tiny_encoders else 512)
+        result = compile_sampler(topo, batch=args.batch, height=height, width=width,
+                                 steps=args.steps, guidance=args.guidance, model_config=model,
+                                 tiny=args.tiny_encoders, placement=args.placement,
+                                 text_length=64 + 97 if args.tiny_encoders else 512)
     except (ValueError, RuntimeError) as e:
         print(f"lens-sample compile: {e}", file=sys.stderr)
         return train_compile.EXIT_BAD_INPUT
-    print(train_compile.format_table(reports), flush=True)
-    short = [r for r in reports if not r.fits]
+    print(train_compile.format_table(result.programs), flush=True)
+    short = [r for r in result.programs if not r.fits]
     if short:
         gib = train_compile.GiB
         for r in short:
-            why = ("its inputs and the other networks' weights alone overflow (not compiled): "
-                   "the pipeline keeps GPT-OSS-20B, the denoiser and the VAE on the first chip, "
-                   "so this host needs chips with more HBM (or the text encoder elsewhere)"
-                   if r.temp_bytes == 0 else
-                   "try a smaller --batch, or (decode) tiled VAE decoding")
             print(f"lens-sample compile: {r.name} needs {r.total_bytes / gib:.2f} GiB on the first "
                   f"chip, a {topo.generation} chip has {r.hbm_bytes / gib:.2f} GiB "
-                  f"({-r.headroom_bytes / gib:.2f} GiB short): {why}", file=sys.stderr)
+                  f"({-r.headroom_bytes / gib:.2f} GiB short): {_why(r, result.placement)}",
+                  file=sys.stderr)
         return train_compile.EXIT_DOES_NOT_FIT
     return 0
+
+
+def _why(report: train_compile.ProgramReport, placement: str) -> str:
+    if report.temp_bytes == 0 and placement == "first_chip":
+        return ("its inputs and the other networks' weights alone overflow (not compiled): "
+                "first_chip keeps GPT-OSS-20B and the VAE on the first chip beside the denoiser; "
+                "--placement sharded splits them over the host's chips")
+    if report.temp_bytes == 0:
+        return ("its inputs and the weights' shards alone overflow (not compiled): this host "
+                "needs more chips or chips with more HBM")
+    return "try a smaller --batch, or (decode) tiled VAE decoding"
 
 
 if __name__ == "__main__":

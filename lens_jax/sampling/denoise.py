@@ -71,14 +71,16 @@ def _loop(graphdef, state, noise, features, mask, sigmas, guidance_scale, *, lat
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "latent_hw", "use_cfg", "bf16_timesteps",
-                                             "num_train_timesteps", "mesh"))
-def _denoise_jit(graphdef, state, noise, features, mask, sigmas, guidance_scale, *, latent_hw,
-                 use_cfg, bf16_timesteps, num_train_timesteps, mesh):
+                                             "num_train_timesteps", "mesh", "rules"))
+def denoise_jit(graphdef, state, noise, features, mask, sigmas, guidance_scale, *, latent_hw,
+                use_cfg, bf16_timesteps, num_train_timesteps, mesh, rules=SAMPLING_RULES):
+    """The jitted loop ``denoise`` runs on ``nnx.split(model)`` (``sampling/compile.py`` lowers
+    it ahead of time with the same arguments)."""
     kw = dict(latent_hw=latent_hw, use_cfg=use_cfg, bf16_timesteps=bf16_timesteps,
               num_train_timesteps=num_train_timesteps)
     if mesh is None:
         return _loop(graphdef, state, noise, features, mask, sigmas, guidance_scale, **kw)
-    with use_rules(mesh, SAMPLING_RULES):
+    with use_rules(mesh, rules):
         out = _loop(graphdef, state, noise, features, mask, sigmas, guidance_scale, **kw)
     return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, PartitionSpec(BATCH_AXIS)))
 
@@ -87,7 +89,7 @@ def denoise(model: LensTransformer, noise: jax.Array, features: Sequence[jax.Arr
             sigmas: np.ndarray | jax.Array, guidance_scale: float, latent_hw: tuple[int, int], *,
             neg_features: Sequence[jax.Array] | None = None, neg_mask: jax.Array | None = None,
             bf16_timesteps: bool = False, num_train_timesteps: int = 1000,
-            mesh: Mesh | None = None) -> jax.Array:
+            mesh: Mesh | None = None, rules=SAMPLING_RULES) -> jax.Array:
     """Runs the sampler from ``noise [B, h*w, 128]`` to the final latents (same shape and dtype).
 
     ``features``: one ``[B, L, enc_dim]`` per selected encoder layer, ``mask [B, L]`` bool;
@@ -96,6 +98,8 @@ def denoise(model: LensTransformer, noise: jax.Array, features: Sequence[jax.Arr
     zeros with an all-false mask) is used; at exactly 1 the unconditional half is skipped.
     ``bf16_timesteps``: feed the bf16-rounded time of the bf16 reference (spec 2.4).
     ``mesh``: a 1-D mesh whose axis ``"data"`` shards the batch (B a multiple of its size).
+    ``rules``: logical axis -> mesh axis inside the loop (default: the batch only; the model's
+    parameters then stay as they are placed, e.g. ``placement.SHARDED_RULES`` for FSDP weights).
     """
     features = [jnp.asarray(f) for f in features]
     mask = jnp.asarray(mask).astype(bool)
@@ -123,7 +127,8 @@ def denoise(model: LensTransformer, noise: jax.Array, features: Sequence[jax.Arr
         noise, mask = jax.device_put(noise, batch), jax.device_put(mask, batch)
         features = [jax.device_put(f, batch) for f in features]
     graphdef, state = nnx.split(model)
-    return _denoise_jit(graphdef, state, noise, features, mask, sigmas,
-                        jnp.asarray(guidance_scale, jnp.float32), latent_hw=(h, w), use_cfg=use_cfg,
-                        bf16_timesteps=bool(bf16_timesteps),
-                        num_train_timesteps=int(num_train_timesteps), mesh=mesh)
+    return denoise_jit(graphdef, state, noise, features, mask, sigmas,
+                       jnp.asarray(guidance_scale, jnp.float32), latent_hw=(h, w), use_cfg=use_cfg,
+                       bf16_timesteps=bool(bf16_timesteps),
+                       num_train_timesteps=int(num_train_timesteps), mesh=mesh,
+                       rules=tuple(rules))

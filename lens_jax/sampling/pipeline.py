@@ -25,11 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from lens_jax.convert.safetensors_io import CheckpointError, read_json
+from lens_jax.checkpoints.safetensors_io import read_json
+from lens_jax.errors import CheckpointError
+from lens_jax.models.transformer import abstract_model
 from lens_jax.sampling import denoise as denoise_lib
 from lens_jax.sampling import guidance
+from lens_jax.sampling import placement as placement_lib
 from lens_jax.sampling.resolution import check_resolution
 from lens_jax.sampling.scheduler import SchedulerConfig, sigmas_for
 
@@ -158,6 +160,17 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def local_devices(devices: int | Sequence | None) -> list:
+    """``devices`` of ``LensPipeline``: None (all local devices), a count (the first N) or a list."""
+    if devices is None:
+        return list(jax.local_devices())
+    if isinstance(devices, int):
+        if not 1 <= devices <= jax.local_device_count():
+            raise ValueError(f"devices={devices}: {jax.local_device_count()} local devices")
+        return list(jax.local_devices()[:devices])
+    return list(devices)
+
+
 # ----------------------------------------------------------------------------- outputs
 
 @dataclasses.dataclass
@@ -178,9 +191,12 @@ class LensPipeline:
     def __init__(self, transformer, vae, text_encoder, tokenizer,
                  scheduler_config: SchedulerConfig = SchedulerConfig(), *, preset: str = "lens",
                  devices: int | Sequence | None = None, bf16_timesteps: bool = False,
-                 source: str | None = None):
+                 source: str | None = None, placement: "str | placement_lib.Placement" = "auto"):
         """``devices``: how many (or which) local devices shard the batch (default: all local).
-        ``bf16_timesteps``: round the model time input like the bf16 reference (spec 2.4)."""
+        ``bf16_timesteps``: round the model time input like the bf16 reference (spec 2.4).
+        ``placement``: where the networks' weights live, ``auto`` | ``first_chip`` | ``sharded``
+        (``lens_jax.sampling.placement``; auto: sharded over the chips when one chip's memory
+        cannot hold them)."""
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -191,20 +207,17 @@ class LensPipeline:
         self.source = source
         # Templated prompt lengths are padded to a multiple of this (1: pad to the longest only).
         self.text_length_multiple = 64
-        if devices is None:
-            devices = jax.local_devices()
-        elif isinstance(devices, int):
-            if not 1 <= devices <= jax.local_device_count():
-                raise ValueError(f"devices={devices}: {jax.local_device_count()} local devices")
-            devices = jax.local_devices()[:devices]
-        self.devices = list(devices)
-        self.mesh = None
-        if len(self.devices) > 1:
-            self.mesh = jax.sharding.Mesh(np.asarray(self.devices), (denoise_lib.BATCH_AXIS,),
-                                          axis_types=(AxisType.Auto,))
-            replicated = NamedSharding(self.mesh, PartitionSpec())
-            state = nnx.state(self.transformer)
-            nnx.update(self.transformer, jax.device_put(state, replicated))
+        self.devices = local_devices(devices)
+        if not isinstance(placement, placement_lib.Placement):
+            weights = sum(placement_lib.tree_bytes(tree) for tree in (
+                nnx.state(transformer), nnx.state(vae.model), text_encoder.params()))
+            placement = placement_lib.host_placement(placement, self.devices, weights)
+        self.placement = placement
+        self.mesh = placement.mesh
+        if self.mesh is not None:
+            placement.place_denoiser(self.transformer)
+        if placement.sharded:
+            placement.place_text_encoder(self.text_encoder)
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -213,7 +226,7 @@ class LensPipeline:
                         mxfp4: bool = True, devices: int | Sequence | None = None,
                         bf16_timesteps: bool = False,
                         compilation_cache: str | os.PathLike | bool | None = True,
-                        progress: bool = False) -> "LensPipeline":
+                        progress: bool = False, placement: str = "auto") -> "LensPipeline":
         """Loads a Lens checkpoint folder in the Hugging Face layout (``model_index.json``,
         ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) or a hub id.
 
@@ -222,11 +235,13 @@ class LensPipeline:
         GPU/TPU, float32 on CPU). ``transformer_path``: load the denoiser from elsewhere, e.g. an
         orbax checkpoint written by ``lens-convert to-orbax`` (``transformer/`` may also hold one).
         ``mxfp4``: keep the text encoder's experts MXFP4-packed. ``compilation_cache``: see
-        ``enable_compilation_cache`` (on by default).
+        ``enable_compilation_cache`` (on by default). ``placement``: auto | first_chip | sharded
+        (see ``__init__``); sharded weights are placed as they are read, so they never gather on
+        one chip.
         """
-        from lens_jax.convert.text_encoder import load_text_encoder
-        from lens_jax.convert.transformer import load_transformer
-        from lens_jax.convert.vae import load_vae
+        from lens_jax.checkpoints import text_encoder as text_encoder_io
+        from lens_jax.checkpoints import transformer as transformer_io
+        from lens_jax.checkpoints.vae import load_vae
         from lens_jax.text import PromptTokenizer
 
         enable_compilation_cache(compilation_cache)
@@ -244,16 +259,30 @@ class LensPipeline:
                                                       source=str(scheduler_file))
                             if scheduler_file.is_file() else SchedulerConfig())
         dtype = jnp.dtype(dtype or default_dtype())
-        transformer = load_transformer(transformer_path or _component_folder(root, "transformer"),
-                                       dtype=dtype, compute_dtype=dtype, progress=progress)
-        vae = load_vae(_component_folder(root, "vae"), dtype=dtype)
-        text_encoder = load_text_encoder(_component_folder(root, "text_encoder"),
-                                         layers=tuple(transformer.config.selected_layer_index),
-                                         dtype=dtype, mxfp4=mxfp4, progress=progress)
+        transformer_folder = transformer_path or _component_folder(root, "transformer")
+        text_folder = text_encoder_io.resolve_folder(_component_folder(root, "text_encoder"))
+        transformer_config = transformer_io.read_config(transformer_folder)
+        transformer_config.update(param_dtype=dtype.name, dtype=dtype.name)
+        layers = tuple(transformer_config.selected_layer_index)
+        text_config = text_encoder_io.read_config(text_folder)
+        vae = load_vae(_component_folder(root, "vae"), dtype=dtype)  # 0.16 GiB: the first chip
+        chosen = placement_lib.host_placement(
+            placement, local_devices(devices),
+            placement_lib.abstract_weight_bytes(transformer_config, text_config, max(layers) + 1,
+                                                mxfp4, dtype) + placement_lib.tree_bytes(nnx.state(vae.model)))
+        shardings = None
+        if chosen.sharded:
+            abstract = nnx.state(abstract_model(transformer_config))
+            shardings = nnx.to_pure_dict(chosen.denoiser_shardings(abstract))
+        transformer = transformer_io.load_transformer(transformer_folder, dtype=dtype, compute_dtype=dtype,
+                                                  shardings=shardings, progress=progress)
+        text_encoder = text_encoder_io.load_text_encoder(
+            text_folder, layers=layers, dtype=dtype, mxfp4=mxfp4, progress=progress,
+            **chosen.loader_placement(text_config))
         tokenizer = PromptTokenizer.from_pretrained(_component_folder(root, "tokenizer"))
         return cls(transformer, vae, text_encoder, tokenizer, scheduler_config,
                    preset=preset or preset_for(path), devices=devices,
-                   bf16_timesteps=bf16_timesteps, source=str(path))
+                   bf16_timesteps=bf16_timesteps, source=str(path), placement=chosen)
 
     loras: tuple = ()                 # (path, scale) of each LoRA merged by load_lora
 
@@ -263,7 +292,7 @@ class LensPipeline:
         without a ``transformer.``/``diffusion_model.``/``base_model.model.`` prefix, or kohya keys
         ``lora_unet_transformer_blocks_N_MODULE.lora_down.weight``; rank and alpha as
         ``lens_jax.lora.files`` reads them). ``path``: the ``.safetensors`` file or its folder.
-        Raises ``lens_jax.lora.files.LoraFileError`` (a ValueError) naming the keys or shapes of a
+        Raises ``lens_jax.errors.LoraFileError`` (a ValueError) naming the keys or shapes of a
         file that does not fit this model, before changing any weight. Returns the pipeline."""
         from lens_jax.lora.files import merge_lora, read_lora
 
@@ -294,7 +323,8 @@ class LensPipeline:
             extra = length - input_ids.shape[1]
             input_ids = np.pad(input_ids, ((0, 0), (0, extra)), constant_values=self.tokenizer.pad_id)
             mask = np.pad(mask, ((0, 0), (0, extra)), constant_values=False)
-        features = self.text_encoder(jnp.asarray(input_ids), jnp.asarray(mask))
+        features = self.text_encoder(jnp.asarray(input_ids), jnp.asarray(mask),
+                                     mesh=self.placement.encoder_mesh, rules=self.placement.rules)
         features, mask = drop_preamble(list(features), jnp.asarray(mask),
                                        self.tokenizer.preamble_length(date))
         return [f.astype(self.dtype) for f in features], mask
@@ -383,7 +413,8 @@ class LensPipeline:
         latents = denoise_lib.denoise(
             self.transformer, noise, features, mask, sigmas, g, (h, w), neg_features=neg_features,
             neg_mask=neg_mask, bf16_timesteps=self.bf16_timesteps,
-            num_train_timesteps=self.scheduler_config.num_train_timesteps, mesh=self.mesh)
+            num_train_timesteps=self.scheduler_config.num_train_timesteps, mesh=self.mesh,
+            rules=self.placement.rules)
         latents = np.asarray(jax.device_get(latents), np.float32)[:batch]
         timings["denoising"] = time.perf_counter() - start
 
@@ -417,7 +448,8 @@ class LensPipeline:
         c = self.transformer.config
         return (f"LensPipeline(source={self.source!r}, preset={self.preset.name!r}, "
                 f"layers={c.num_layers}, width={c.num_attention_heads * c.attention_head_dim}, "
-                f"dtype={self.dtype.name}, devices={len(self.devices)})")
+                f"dtype={self.dtype.name}, devices={len(self.devices)}, "
+                f"placement={self.placement.kind!r})")
 
 
 def _version() -> str:

@@ -34,6 +34,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from lens_jax import storage
+from lens_jax.errors import CheckpointMismatchError, CheckpointUnusableError
 from lens_jax.train import hosts
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,6 @@ RETRY_WAIT_S = 2.0        # first wait between attempts (doubles each time)
 COMMIT_MARKER = "commit_success.txt"   # written by orbax when a step is complete (local/posix paths)
 
 _OK, _CORRUPT, _MISMATCH, _ERROR = 0, 1, 2, 3   # per-process outcomes, reduced with max over hosts
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit this run's config; nothing was changed."""
-
-
-class CheckpointUnusableError(RuntimeError):
-    """A run's checkpoints exist but none can be read; nothing was changed."""
 
 
 class DataState:

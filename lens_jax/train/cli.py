@@ -45,16 +45,17 @@ def _run(argv) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     _quiet_logs()
-    from lens_jax.train.checkpoint import CheckpointMismatchError, CheckpointUnusableError
-    from lens_jax.train.loop import NonFiniteLossError, train
-    from lens_jax.train.workdir_lock import WorkdirLocked
+    from lens_jax.errors import (CheckpointMismatchError, CheckpointUnusableError,
+                                 ExecutableMismatchError, NonFiniteLossError, WorkdirLocked)
+    from lens_jax.train.loop import train
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except NonFiniteLossError as e:
         print(f"lens-train: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
-    except (CheckpointMismatchError, CheckpointUnusableError, WorkdirLocked) as e:
+    except (CheckpointMismatchError, CheckpointUnusableError, ExecutableMismatchError,
+            WorkdirLocked) as e:
         print(f"lens-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -11,7 +11,8 @@ FLOPs (scan/while bodies multiplied by their trip counts) beside the analytic mo
 
 Exit status: 0 when every program fits, ``EXIT_DOES_NOT_FIT`` (4) with what to try when one does
 not, 2 for a bad topology/config. ``--save-executable PATH`` writes the compiled step
-(``jax.experimental.serialize_executable``; ``load_executable`` reads it back on a TPU host).
+(``lens_jax.train.executable``); ``lens-train --config.compiled_step_path=PATH`` runs it on that
+slice. ``--topology cpu`` compiles for this host's CPU devices (tests, and what a CPU run loads).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
@@ -357,6 +357,8 @@ class CompileResult:
     programs: list[ProgramReport]
     executable: Any = None
     text_encoder_bytes: int = 0  # GPT-OSS parameters per chip inside the step
+    config: Any = None           # the config compiled (mesh.slice set to the slices)
+    mesh: Any = None
 
     @property
     def fits(self) -> bool:
@@ -367,13 +369,16 @@ def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
                   num_slices: int = 1, log=print, vae_program: bool = True) -> CompileResult:
     """Compiles the training step (and, with ``vae_program``, the VAE encoder program) for
     ``num_slices`` x ``topo``."""
-    from lens_jax.train.trainer import make_trainer
+    from lens_jax.lora.trainer import make_trainer
 
     devices = topologies.topology_devices(topo, num_slices)
     config = ml_collections.ConfigDict(config.to_dict())
-    config.mesh.num_devices = 0
     if int(config.mesh.slice) == 1 and num_slices > 1:
         config.mesh.slice = num_slices
+    compiled_config = ml_collections.ConfigDict(config.to_dict())
+    if topo.generation == topologies.CPU and int(config.mesh.num_devices) > 0:
+        devices = devices[:int(config.mesh.num_devices)]  # as a CPU run of this config takes them
+    config.mesh.num_devices = 0
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     hosts = topo.hosts * num_slices
     rows = int(config.data.rows_per_host) * hosts
@@ -413,9 +418,23 @@ def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
             f.write(compiled.as_text())
     if config.image_encoder.kind == "vae" and vae_program:
         state_bytes = programs[0].argument_bytes
-        host = [d for d in devices if d.process_index == devices[0].process_index]
-        programs.append(compile_vae_encode(config, host, topo, resident_bytes=state_bytes))
-    return CompileResult(topo, num_slices, dict(mesh.shape), rows, programs, compiled, text_bytes)
+        programs.append(compile_vae_encode(config, host_devices(topo, devices), topo,
+                                           resident_bytes=state_bytes))
+    return CompileResult(topo, num_slices, dict(mesh.shape), rows, programs, compiled, text_bytes,
+                         compiled_config, mesh)
+
+
+def host_devices(topo: topologies.Topology, devices: Sequence) -> list:
+    """The chips of one host, for a program each host runs on its own (the VAE encoder). On a
+    multi-host slice: the devices of a one-host slice of the same generation, since v5e's compiler
+    refuses a device assignment that is a part of a slice ("On platforms with limited ICI routing
+    device assignment should include all slice devices"); per-chip memory is the same."""
+    if topo.hosts == 1:
+        return [d for d in devices if d.process_index == devices[0].process_index]
+    dims = 3 if topo.topology.count("x") == 2 else 2
+    one_host = topologies.topology(f"{topo.topology.split(':')[0]}:"
+                                   + "x".join(str(b) for b in topo.host_bounds[:dims]))
+    return topologies.topology_devices(one_host)
 
 
 def vae_model(dtype: str = "bfloat16", random_small: bool = False):
@@ -530,41 +549,21 @@ def advice(config: ml_collections.ConfigDict, result: CompileResult) -> str:
     return "\n".join(lines)
 
 
-def save_executable(compiled, path: str | os.PathLike) -> None:
-    """Serializes a compiled executable (written to a temporary name, then renamed)."""
-    from jax.experimental.serialize_executable import serialize
-
-    payload, in_tree, out_tree = serialize(compiled)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump({"payload": payload, "in_tree": in_tree, "out_tree": out_tree,
-                     "jax": jax.__version__}, f)
-    os.replace(tmp, path)
-
-
-def load_executable(path: str | os.PathLike):
-    """A ``save_executable`` file -> a callable compiled step (on the TPU it was compiled for)."""
-    from jax.experimental.serialize_executable import deserialize_and_load
-
-    with open(path, "rb") as f:
-        saved = pickle.load(f)
-    if saved["jax"] != jax.__version__:
-        raise ValueError(f"{path}: compiled with jax {saved['jax']}, this is jax {jax.__version__}")
-    return deserialize_and_load(saved["payload"], saved["in_tree"], saved["out_tree"])
-
-
 # ----------------------------------------------------------------------------- the command
 
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
     from ml_collections import config_flags
 
+    argv = list(sys.argv[2:] if argv is None else argv)
+    # absl spells multi-word flags with underscores; accept the documented dashes too.
+    argv = [re.sub(r"^--(num|save)-", r"--\1_", a) for a in argv]
     fv = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file(
+    config_flag = config_flags.DEFINE_config_file(  # overrides read from argv, not sys.argv
         "config", None, "Training config file; override fields with --config.FIELD=VALUE.",
-        flag_values=fv, lock_config=True)
-    flags.DEFINE_string("topology", None, "v5p-N, v6e-N, v5e-N (= v5litepod-N), v4-N, or a libtpu "
-                        "string such as v5p:2x2x1", flag_values=fv)
+        flag_values=fv, lock_config=True, sys_argv=["lens-train compile"] + argv)
+    flags.DEFINE_string("topology", None, "v5p-N, v6e-N, v5e-N (= v5litepod-N), v4-N, a libtpu "
+                        "string such as v5p:2x2x1, or cpu (this host's CPU devices)", flag_values=fv)
     flags.DEFINE_integer("num_slices", 1, "slices joined over the data-centre network", flag_values=fv)
     flags.DEFINE_string("save_executable", None, "write the compiled step here", flag_values=fv)
     flags.DEFINE_string("report", None, "also write the figures as JSON here", flag_values=fv)
@@ -572,9 +571,6 @@ def main(argv: list[str] | None = None) -> int:
                       "image_encoder.kind=vae, the VAE encoder program; step: the step alone (the "
                       "VAE program does not depend on remat or the mesh: a remat search needs it "
                       "once)", flag_values=fv)
-    argv = list(sys.argv[2:] if argv is None else argv)
-    # absl spells multi-word flags with underscores; accept the documented dashes too.
-    argv = [re.sub(r"^--(num|save)-", r"--\1_", a) for a in argv]
     try:
         rest = fv(["lens-train compile"] + argv)
     except flags.Error as e:
@@ -608,8 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     if fv.save_executable and result.executable is None:
         print("lens-train compile: nothing to save: the step did not compile", file=sys.stderr)
     elif fv.save_executable:
-        save_executable(result.executable, fv.save_executable)
-        print(f"saved the compiled step to {fv.save_executable}")
+        from lens_jax.train import executable
+
+        executable.save(result.executable, fv.save_executable,
+                        executable.describe(result.config, result.mesh, topo.hosts * result.num_slices))
+        print(f"saved the compiled step to {fv.save_executable} (run it with "
+              f"--config.compiled_step_path={fv.save_executable})")
     if not result.fits:
         print(f"lens-train compile: does not fit on {topo.name}\n{advice(config, result)}",
               file=sys.stderr)

@@ -46,6 +46,9 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.init_from = ""                  # "" = fresh init; diffusers folder, orbax layout of lens-convert,
     #                                   or run:WORKDIR[:STEP] (raw weights of a lens-train run)
     c.grad_accum_steps = 1            # micro-batches per optimizer step (rows split evenly)
+    c.compiled_step_path = ""         # a lens-train compile --save-executable file: run that step
+    #                                   instead of jitting one (refused unless it was compiled for
+    #                                   this config, mesh, device kind and jax version)
 
     c.data = default_data_config()
 
@@ -56,6 +59,10 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1                  # data parallel + parameters/optimizer/EMA sharded; -1 = the rest
     c.mesh.tensor = 1                 # tensor parallelism (heads, MLP hidden)
     c.mesh.num_devices = 0            # use the first N devices (0 = all)
+    c.mesh.allow_split_physical_axes = False  # TPU: let a physical torus axis be split over several
+    #                                   mesh axes (shapes such as data=2 on v5p-128's 4x4x4; their
+    #                                   collectives share links); off: such shapes are an error
+    #                                   that names shapes which fit
     c.rules = DEFAULT_RULES           # logical axis name -> mesh axes
     c.distributed = "auto"            # jax.distributed.initialize: "auto" (env detection) | "yes" | "no"
     c.coordinator_address = ""        # for distributed="yes" outside a managed cluster

@@ -72,7 +72,7 @@ def _load_text_encoder(path: str, layers: tuple, hidden: int, seed: int):
                            layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention"
                                              for i in range(n)))
         return TextEncoder.random(cfg, layers=layers, seed=seed)
-    from lens_jax.convert.text_encoder import load_text_encoder
+    from lens_jax.checkpoints.text_encoder import load_text_encoder
 
     return load_text_encoder(path, layers=layers)
 

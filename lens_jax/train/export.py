@@ -8,7 +8,6 @@ needed), then writes a diffusers ``LensTransformer2DModel`` folder with ``save_t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from lens_jax import storage
+from lens_jax.train.run_files import restore_items, run_config  # noqa: F401 - re-exported
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,20 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The training config a run saved in ``workdir/config.json`` (model fields as tuples)."""
-    from lens_jax.models.config import transformer_config
-
-    path = storage.path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a lens-train run directory?")
-    raw = json.loads(path.read_text())
-    model = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["model"].items()}
-    config = ml_collections.ConfigDict(raw)
-    config.model = transformer_config(**model)
-    return config
-
-
 def restore_weights(workdir: str | Path, step: int = -1, ema: bool = True) -> tuple[dict, int, str]:
     """``(nested dict of numpy arrays, step, "ema"|"params")`` from a run's checkpoint."""
     import jax
@@ -80,32 +66,10 @@ def restore_weights(workdir: str | Path, step: int = -1, ema: bool = True) -> tu
     return out[name], step, name
 
 
-def restore_items(workdir: str | Path, step: int, item: dict) -> tuple[dict, int]:
-    """Restores the top-level entries of ``item`` (numpy templates) from a run's checkpoint at
-    ``step`` (-1: the newest); returns them as host numpy arrays and the step."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = storage.path(workdir) / "checkpoints"
-    steps = sorted(int(name) for name in storage.listdir(ckpt_dir) if name.isdigit())
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}")
-    if step < 0:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir} (have {steps})")
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        out = checkpointer.restore(ckpt_dir / str(step) / "state",
-                                   args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                               partial_restore=True))
-    return out, step
-
-
 def export(workdir: str | Path, out: str | Path, step: int = -1, ema: bool = True, dtype: str = "",
            overwrite: bool = False) -> Path:
-    from lens_jax.convert import keymap
-    from lens_jax.convert.transformer import model_from_params, save_transformer
+    from lens_jax.checkpoints import keymap
+    from lens_jax.checkpoints.transformer import model_from_params, save_transformer
 
     config = run_config(workdir)
     params, step, name = restore_weights(workdir, step, ema)
@@ -122,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import contextlib
 
     from lens_jax import output_guard
-    from lens_jax.convert.transformer import DIFFUSERS_PATTERNS
+    from lens_jax.checkpoints.transformer import DIFFUSERS_PATTERNS
     from lens_jax.train import workdir_lock
 
     args = build_parser().parse_args(argv)

@@ -31,15 +31,12 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
+from lens_jax.errors import NonFiniteLossError
 from lens_jax.train import hosts, rundir
 from lens_jax.train import mesh as mesh_lib
-from lens_jax.train.trainer import make_trainer
+from lens_jax.lora.trainer import make_trainer
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; training stopped without saving."""
 
 
 class FeedItem(NamedTuple):
@@ -178,6 +175,9 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
     trainer = make_trainer(config, mesh)
     log.info("mesh %s; %d devices; process %d/%d", dict(mesh.shape), mesh.size, jax.process_index(),
              jax.process_count())
+    if config.get("compiled_step_path"):  # lens-train compile --save-executable, checked first
+        trainer.load_compiled_step(config.compiled_step_path)
+        log.info("the step is the executable in %s", config.compiled_step_path)
     if not config.data.path:
         raise ValueError("config.data.path is empty: give the training records with "
                          "--config.data.path=DIR (e.g. the output of lens-data synth-shapes)")

@@ -11,7 +11,6 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from lens_jax.sharding import fit_spec, logical_to_spec
 from lens_jax.train.config import MESH_AXES
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,9 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence | None =
     on neighbouring chips of the TPU torus; other backends keep the device order). Several slices
     (devices with distinct ``slice_index``): ``mesh_utils.create_hybrid_device_mesh``, so that only
     the ``slice`` axis crosses the data-centre network; ``config.mesh.slice`` must equal the number
-    of slices. A shape that does not match the devices is a ValueError naming both.
+    of slices. A shape that does not match the devices is a ValueError naming both; one the
+    torus cannot hold (e.g. data=2 on v5p-128's 4x4x4 chips) says which shapes it can, and that
+    ``config.mesh.allow_split_physical_axes=True`` accepts it with physical axes split.
     """
     if devices is None:
         devices = jax.devices()
@@ -99,27 +100,59 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence | None =
         array = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices=devices,
                                                      allow_split_physical_axes=True)
         return Mesh(array, MESH_AXES)
+    split = bool(mesh_config.get("allow_split_physical_axes", False))
     try:
-        # Auto axes: shardings come from in/out_shardings and constraints, as before jax 0.7's
-        # Explicit default.
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                             devices=devices)
-    except (ValueError, NotImplementedError) as e:  # a shape the physical topology cannot hold
+        return _single_slice_mesh(shape, devices, split)
+    except (ValueError, NotImplementedError, AssertionError) as e:  # a shape the torus cannot hold
+        hint = ""
+        if not split:
+            fits = fitting_shapes(sizes, devices)
+            hint = ("; set --config.mesh.allow_split_physical_axes=True to split the torus' axes "
+                    "between mesh axes (their collectives then share links)"
+                    + (", or use a shape that fits it: " + " or ".join(
+                        " ".join(f"--config.mesh.{a}={v}" for a, v in f.items() if v != sizes[a])
+                        for f in fits) if fits else ""))
         raise ValueError(f"config.mesh {sizes} cannot be laid out on {len(devices)} "
-                         f"{devices[0].device_kind} devices: {e}") from e
+                         f"{devices[0].device_kind} devices: {e}{hint}") from e
+
+
+def _single_slice_mesh(shape: tuple[int, ...], devices: list, allow_split: bool) -> Mesh:
+    """``jax.make_mesh`` (Auto axes: shardings come from in/out_shardings and constraints, as
+    before jax 0.7's Explicit default), or with ``allow_split`` ``mesh_utils.create_device_mesh``
+    allowed to split one physical axis of the torus over several mesh axes."""
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if not allow_split:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    from jax.experimental import mesh_utils
+
+    array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(array, MESH_AXES, axis_types=axis_types)
+
+
+def fitting_shapes(sizes: dict[str, int], devices: list, limit: int = 2) -> list[dict[str, int]]:
+    """Up to ``limit`` shapes near ``sizes`` (same slice and tensor; ``data`` the closest powers
+    or divisors, the rest ``fsdp``) that lay out on ``devices`` without splitting physical axes;
+    more data parallelism first."""
+    rest = len(devices) // (sizes["slice"] * sizes["tensor"])
+    divisors = [d for d in range(1, rest + 1) if rest % d == 0 and d != sizes["data"]]
+    # nearest in ratio to the data size asked for; at equal distance the larger data size
+    divisors.sort(key=lambda d: (abs(np.log(d / sizes["data"])), -d))
+    out = []
+    for data in divisors:
+        shape = dict(sizes, data=data, fsdp=rest // data)
+        try:
+            _single_slice_mesh(tuple(shape[a] for a in MESH_AXES), devices, False)
+        except (ValueError, NotImplementedError, AssertionError):
+            continue
+        out.append(shape)
+        if len(out) == limit:
+            break
+    return out
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """Mesh axes the batch (rows) is split over: every data-like axis."""
     return tuple(a for a in ("slice", "fsdp", "data") if a in mesh.shape)  # = DEFAULT_RULES["batch"]
-
-
-def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules) -> dict:
-    """NamedShardings for a parameter tree from its logical-name specs (non-divisible dims replicated)."""
-    return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, fit_spec(logical_to_spec(tuple(spec), rules, mesh),
-                                                      x.shape, mesh)),
-        logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

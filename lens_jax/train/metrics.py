@@ -12,17 +12,15 @@ import ml_collections
 import numpy as np
 
 from lens_jax.models import config as config_lib
-from lens_jax.train import hosts, rundir
+from lens_jax.train import hosts, rundir, topologies
 
 log = logging.getLogger(__name__)
 
-# Dense peak FLOP/s per device (bf16 matmul, no sparsity), by substring of ``device_kind``
-# (lower case; first match wins). Override with config.logging.peak_flops_per_device.
-PEAK_FLOPS = (
-    ("v6 lite", 918e12), ("v6e", 918e12),
-    ("v5p", 459e12),
-    ("v5 lite", 197e12), ("v5e", 197e12),
-    ("v4", 275e12),
+# Dense peak FLOP/s per device (bf16 matmul, no sparsity). TPUs: by the exact ``device_kind`` of
+# the generation table (lens_jax.train.topologies.GENERATIONS: "TPU v5" is a v5p, "TPU v5 lite" a
+# v5e). GPUs: by substring of ``device_kind`` (lower case; first match wins). Override with
+# config.logging.peak_flops_per_device.
+GPU_PEAK_FLOPS = (
     ("h200", 989e12), ("h100", 989e12), ("gh200", 989e12),
     ("b200", 2250e12),
     ("a100", 312e12),
@@ -31,10 +29,13 @@ PEAK_FLOPS = (
 
 
 def device_peak_flops(device=None) -> float:
-    """Peak FLOP/s of ``device`` (default: the first device) from the table; 0 when unknown (CPU)."""
-    kind = (device or jax.devices()[0]).device_kind.lower()
-    for name, peak in PEAK_FLOPS:
-        if name in kind:
+    """Peak FLOP/s of ``device`` (default: the first device); 0 when unknown (CPU)."""
+    kind = (device or jax.devices()[0]).device_kind
+    generation = topologies.generation_of_device(kind)
+    if generation is not None:
+        return generation.peak_flops
+    for name, peak in GPU_PEAK_FLOPS:
+        if name in kind.lower():
             return peak
     return 0.0
 

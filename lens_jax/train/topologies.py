@@ -28,16 +28,19 @@ class Generation:
     peak_flops: float       # dense bf16 FLOP/s per chip (no sparsity)
     torus_dims: int         # 3 (v4, v5p: 3-D torus) or 2 (v5e, v6e)
     chip_config: str        # libtpu chip config: "megacore" = one JAX device per v4 chip
+    device_kind: str        # what libtpu's devices report as ``device_kind``
 
 
-# Cloud TPU documentation (system architecture pages of each generation).
+# Cloud TPU documentation (system architecture pages of each generation); device kinds as libtpu
+# 0.0.42 reports them (tests/tpu/test_topologies.py reads them from the topology's devices).
 GENERATIONS = {
-    "v4": Generation("v4", 2, 32 * GiB, 275e12, 3, "megacore"),
-    "v5p": Generation("v5p", 2, 95 * GiB, 459e12, 3, "default"),
-    "v5e": Generation("v5e", 1, 16 * GiB, 197e12, 2, "default"),
-    "v6e": Generation("v6e", 1, 32 * GiB, 918e12, 2, "default"),
+    "v4": Generation("v4", 2, 32 * GiB, 275e12, 3, "megacore", "TPU v4"),
+    "v5p": Generation("v5p", 2, 95 * GiB, 459e12, 3, "default", "TPU v5"),
+    "v5e": Generation("v5e", 1, 16 * GiB, 197e12, 2, "default", "TPU v5 lite"),
+    "v6e": Generation("v6e", 1, 32 * GiB, 918e12, 2, "default", "TPU v6 lite"),
 }
 ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+CPU = "cpu"  # the pseudo-topology of this host's CPU devices (``topology("cpu")``)
 
 # Chips -> physical shape of a slice (the shapes Cloud TPU provisions for these sizes).
 SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
@@ -67,8 +70,16 @@ class Topology:
 
 
 def topology(name: str) -> Topology:
-    """``"v5p-128"`` (or a libtpu string such as ``"v5p:2x2x1"``) -> its ``Topology``."""
+    """``"v5p-128"`` (or a libtpu string such as ``"v5p:2x2x1"``) -> its ``Topology``; ``"cpu"``:
+    this process's CPU devices, the host's RAM as their memory."""
     raw = name.strip().lower()
+    if raw == CPU:
+        import jax
+
+        chips = len(jax.devices("cpu"))
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return Topology(name=CPU, generation=CPU, topology=CPU, chips=chips, chips_per_host=chips,
+                        host_bounds=(1, 1, 1), hbm_bytes=int(memory), peak_flops=0.0, chip_config="")
     m = re.fullmatch(r"([a-z0-9]+)-(\d+)", raw)
     if m:
         gen_name = ALIASES.get(m.group(1), m.group(1))
@@ -111,6 +122,15 @@ def topology(name: str) -> Topology:
                     peak_flops=gen.peak_flops, chip_config=gen.chip_config)
 
 
+def generation_of_device(device_kind: str) -> Generation | None:
+    """The generation whose chips report ``device_kind`` (e.g. "TPU v5 lite" -> v5e); None if
+    no TPU generation of the table does."""
+    for gen in GENERATIONS.values():
+        if gen.device_kind == device_kind.strip():
+            return gen
+    return None
+
+
 def _generation(gen_name: str, name: str) -> Generation:
     if gen_name not in GENERATIONS:
         raise ValueError(f"topology {name!r}: unknown TPU generation {gen_name!r}; known: "
@@ -139,6 +159,12 @@ def compile_only_backend() -> None:
 
 def topology_devices(topo: Topology, num_slices: int = 1) -> list:
     """The JAX devices of ``num_slices`` slices of ``topo`` (compile-only; no TPU needed)."""
+    if topo.generation == CPU:
+        import jax
+
+        if num_slices != 1:
+            raise ValueError("topology cpu: one slice only (--num-slices 1)")
+        return list(jax.devices("cpu"))
     reason = libtpu_missing_reason()
     if reason:
         raise RuntimeError(reason)

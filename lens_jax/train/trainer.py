@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lens_jax.models.transformer import LensTransformer, abstract_model
+from lens_jax import sharding
 from lens_jax.sharding import use_rules
 from lens_jax.train import mesh as mesh_lib
 from lens_jax.train import encoders, objective, optim
@@ -47,7 +48,7 @@ class Trainer:
         self.graphdef, abstract_state = nnx.split(abstract_model(config.model))
         self.abstract_params = nnx.to_pure_dict(abstract_state)
         self.logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
-        self.param_shardings = mesh_lib.param_shardings(self.logical_specs, self.abstract_params,
+        self.param_shardings = sharding.param_shardings(self.logical_specs, self.abstract_params,
                                                         self.mesh, self.rules)
         self.tx, self.schedule = optim.make_optimizer(config.optimizer, int(config.num_steps))
         self.use_ema = float(config.ema.decay) > 0
@@ -113,8 +114,8 @@ class Trainer:
     def load_params(self, path: str) -> dict:
         """Denoiser weights, sharded like the params: a diffusers folder, the orbax layout of
         lens-convert, or ``run:WORKDIR[:STEP]`` (raw weights of a lens-train checkpoint)."""
-        from lens_jax.convert.transformer import load_transformer, model_params
-        from lens_jax.convert import keymap
+        from lens_jax.checkpoints.transformer import load_transformer, model_params
+        from lens_jax.checkpoints import keymap
         from lens_jax.models.config import DIFFUSERS_FIELDS
 
         m = self.config.model
@@ -207,8 +208,18 @@ class Trainer:
     def batch_shardings(self, batch: dict) -> dict:
         return {k: self.batch_sharding for k in batch}
 
+    def load_compiled_step(self, path: str) -> None:
+        """Uses the step that ``lens-train compile --save-executable`` wrote to ``path`` instead of
+        jitting one; ``executable.ExecutableMismatchError`` unless it was compiled for this
+        config, mesh, device kind and jax version."""
+        from lens_jax.train import executable
+
+        wanted = executable.describe(self.config, self.mesh, jax.process_count())
+        self._step_fn = executable.load(path, wanted, devices=self.mesh.devices.flat)
+
     def step_fn(self, batch_example: dict) -> Callable:
-        """The jitted step with explicit input/output shardings (state donated)."""
+        """The jitted step with explicit input/output shardings (state donated), or the one
+        ``load_compiled_step`` loaded."""
         if self._step_fn is None:
             def step(state, batch, frozen):
                 with use_rules(self.mesh, self.rules):
@@ -228,12 +239,3 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in host_batch.items()}
 
-
-def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
-                 with_encoders: bool = True) -> Trainer:
-    """The trainer of a config: ``lens_jax.lora.trainer.LoraTrainer`` when ``config.lora.rank`` > 0."""
-    if "lora" in config and int(config.lora.rank) > 0:
-        from lens_jax.lora.trainer import LoraTrainer
-
-        return LoraTrainer(config, mesh, with_encoders)
-    return Trainer(config, mesh, with_encoders)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lens_jax.convert.vae import vae_method
+from lens_jax.models.vae import vae_method
 from lens_jax.data.buckets import unpatchify_image
 
 
@@ -37,12 +37,12 @@ def _vae_from_config(config: ml_collections.ConfigDict):
         raise ValueError("config.image_encoder.kind='vae' needs config.image_encoder.path "
                          "(a VAE folder, or 'random')")
     if path == "random":  # a tiny random VAE, for tests
-        from lens_jax.convert.vae import random_vae
+        from lens_jax.checkpoints.vae import random_vae
         from lens_jax.models.vae import VAEConfig
 
         return random_vae(VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
                                     layers_per_block=1), seed=int(config.seed))
-    from lens_jax.convert.vae import load_vae
+    from lens_jax.checkpoints.vae import load_vae
 
     return load_vae(path)
 

@@ -45,21 +45,14 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from lens_jax import storage
+from lens_jax import processes, storage
+from lens_jax.errors import LockLost, WorkdirLocked
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "lens_jax.lock"
 HEARTBEAT_S = 30.0       # how often a holder refreshes its heartbeat
 STALE_AFTER_S = 300.0    # a lock of another host whose heartbeat is older than this is taken over
-
-
-class WorkdirLocked(RuntimeError):
-    """The run directory is held by another live process."""
-
-
-class LockLost(RuntimeError):
-    """This process's lock was taken over by another process (it stalled past the timeout)."""
 
 
 # ----------------------------------------------------------------------------- storage backends
@@ -159,30 +152,6 @@ def store_for(workdir: str | os.PathLike) -> LockStore:
 
 # ----------------------------------------------------------------------------- who holds it
 
-def _start_ticks(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (Linux ``/proc``; ``None`` elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime
-
-
-def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
-    """Whether ``pid`` runs on this host (and, if ``start_ticks`` is given, is the same process)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another user
-    if start_ticks is not None:
-        now = _start_ticks(pid)
-        if now is not None and now != start_ticks:
-            return False  # the pid was reused by another program
-    return True
-
-
 @dataclasses.dataclass
 class Holder:
     """What a lock file says about the process that holds it."""
@@ -202,7 +171,7 @@ class Holder:
         return cls(pid=os.getpid(), host=socket.gethostname(),
                    command=shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
                    purpose=purpose, since=_iso(now), heartbeat=now, token=uuid.uuid4().hex,
-                   start_ticks=_start_ticks(os.getpid()))
+                   start_ticks=processes.process_start_ticks(os.getpid()))
 
     @classmethod
     def parse(cls, text: str) -> "Holder | None":
@@ -226,7 +195,7 @@ class Holder:
     def dead_reason(self, stale_after_s: float, now: float | None = None) -> str | None:
         """Why this holder is gone (``None``: it may still run)."""
         if self.host == socket.gethostname():
-            if not pid_alive(self.pid, self.start_ticks):
+            if not processes.pid_alive(self.pid, self.start_ticks):
                 return f"process {self.pid} no longer runs on {self.host}"
             return None
         age = (time.time() if now is None else now) - self.heartbeat

@@ -14,8 +14,8 @@ import pytest
 
 from lens_jax import output_guard
 from lens_jax.convert import cli
-from lens_jax.convert import transformer as tconv
-from lens_jax.convert.random_checkpoint import PRESETS, _write_transformer
+from lens_jax.checkpoints import transformer as tconv
+from lens_jax.checkpoints.random_checkpoint import PRESETS, _write_transformer
 from lens_jax.models import config as config_lib
 
 
@@ -126,7 +126,8 @@ def test_interrupt_swallowed_by_a_library_still_stops_the_conversion(ckpt, tmp_p
 
 def test_sigterm_of_a_conversion_leaves_no_temporary(ckpt, tmp_path):
     script = ("import os, signal, sys\n"
-              "from lens_jax.convert import cli, transformer as t\n"
+              "from lens_jax.checkpoints import transformer as t\n"
+              "from lens_jax.convert import cli\n"
               "real = t._orbax_save\n"
               "def save(p, tree):\n"
               "    real(p, tree)\n"
@@ -225,9 +226,9 @@ def test_check_output_cases(tmp_path):
 
 
 def test_wrong_config_types_are_one_line_errors_for_every_component(tmp_path):
-    from lens_jax.convert import text_encoder, vae
-    from lens_jax.convert.random_checkpoint import _TINY_TEXT, text_encoder_config_json
-    from lens_jax.convert.safetensors_io import CheckpointError
+    from lens_jax.checkpoints import text_encoder, vae
+    from lens_jax.checkpoints.random_checkpoint import _TINY_TEXT, text_encoder_config_json
+    from lens_jax.errors import CheckpointError
     from lens_jax.models.text_encoder import GptOssConfig
 
     (tmp_path / "vae").mkdir()
@@ -246,7 +247,8 @@ def test_wrong_config_types_are_one_line_errors_for_every_component(tmp_path):
 
 
 def test_file_cut_after_the_check_is_still_named(ckpt):
-    from lens_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder
+    from lens_jax.checkpoints.safetensors_io import SafetensorsFolder
+    from lens_jax.errors import CheckpointError
 
     folder = SafetensorsFolder(ckpt / "transformer")
     key = folder.keys()[-1]

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lens_jax.convert.safetensors_io import CheckpointError
-from lens_jax.convert.text_encoder import load_text_encoder
+from lens_jax.errors import CheckpointError
+from lens_jax.checkpoints.text_encoder import load_text_encoder
 from lens_jax.models.text_encoder import random_params
 from tests.conftest import max_rel_err
 from tests.models.test_text_encoder import (HF_TINY, SELECTED, batch, reference_hidden, tiny_config,

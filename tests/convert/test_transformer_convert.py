@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 import lens_jax
 from configs import tiny
 from lens_jax.convert import cli
-from lens_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder
-from lens_jax.convert.transformer import convert, read_config
+from lens_jax.checkpoints.safetensors_io import SafetensorsFolder
+from lens_jax.errors import CheckpointError
+from lens_jax.checkpoints.transformer import convert, read_config
 from tests.conftest import max_rel_err
 from tests.reference.checkpoints import reference_from_config, write_diffusers_folder
 from tests.models.test_transformer import FP32_MAX_REL, make_inputs, torch_forward

@@ -12,9 +12,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from lens_jax.convert import keymap
-from lens_jax.convert.safetensors_io import CheckpointError
-from lens_jax.convert.vae import (load_vae, num_parameters, random_vae, save_vae, vae_mappings)
+from lens_jax.checkpoints import keymap
+from lens_jax.errors import CheckpointError
+from lens_jax.checkpoints.vae import load_vae, random_vae, save_vae, vae_mappings
+from lens_jax.models.vae import num_parameters
 from lens_jax.models.vae import AutoencoderKLFlux2 as JaxVAE
 from lens_jax.models.vae import VAEConfig
 from tests.reference.diffusers_vae import NUM_BATCHES_TRACKED, TINY_CONFIG, random_diffusers_vae

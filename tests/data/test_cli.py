@@ -151,7 +151,8 @@ def test_aspect_bins():
     assert cli.aspect_bin(100, 300) == "<1:2"
 
 
-@pytest.mark.parametrize("command", ["build", "inspect", "synth-shapes", "tfds-prepare"])
+@pytest.mark.parametrize("command", ["build", "inspect", "synth-shapes", "tfds-prepare",
+                                     "caption"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
@@ -281,3 +282,27 @@ def test_overwrite_replaces_only_records(image_folder, tmp_path, capsys):
     for _ in range(2):  # a folder of records may be replaced
         assert _run(capsys, "build", "--images", root, "--out", out, "--overwrite", "--workers",
                     1, "--no-progress")[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 17 point 4: --dedup drops exact duplicate images.
+
+
+def test_dedup_drops_identical_bytes(image_folder, tmp_path, capsys):
+    root, good = image_folder
+    (root / "copy").mkdir()
+    (root / "copy" / "a2.jpg").write_bytes(good["a.jpg"])
+    (root / "copy" / "a2.txt").write_text("the same picture, another caption")
+    (root / "copy" / "c2.webp").write_bytes(good["c.webp"])
+    (root / "copy" / "c2.txt").write_text("again")
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--out", out, "--workers", 2,
+                           "--dedup", "--no-progress")
+    assert code == 0 and "written: 3" in stdout and "duplicate image: 2" in stdout
+    assert "copy/a2.jpg (same bytes as a.jpg)" in stdout
+    assert records.read_manifest(out)["build"]["skipped"]["duplicate image"] == 2
+    assert {e.id for e in records.read_examples(str(out))} == set(good)
+    # Without --dedup both copies are kept.
+    code, stdout, _ = _run(capsys, "build", "--images", root, "--out", tmp_path / "all",
+                           "--workers", 1, "--no-progress")
+    assert code == 0 and "written: 5" in stdout and "duplicate image" not in stdout

@@ -7,7 +7,7 @@ from lens_jax.data.buckets import make_buckets, patchify_image, to_unit_range
 from lens_jax.data.packing import (BucketBatcher, PackingConfig, StreamingPacker, build_batch,
                                    extract_images, packing_efficiency, plan_rows)
 from lens_jax.data.pipeline import default_data_config
-from lens_jax.models.rope import image_positions, text_positions
+from lens_jax.models.positions import image_positions, text_positions
 
 
 def _size_stream(seed, bases=(512, 768, 1024), probs=(0.6, 0.25, 0.15), limit=None):

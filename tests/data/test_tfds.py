@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from lens_jax.data import records
+from lens_jax.data import records, sources
 
 
 def _is_tensorflow(name: str) -> bool:
@@ -73,12 +73,12 @@ def test_tfds_from_records_without_tensorflow(no_tensorflow, tmp_path):
     decoded = [records.decode_example(source[i]) for i in range(len(source))]
     assert {e.id: e for e in decoded} == examples
 
-    # Same through records.open_source specs (name@data_dir, dataset folder, sliced split).
-    spec_source = records.open_source(f"tfds:lens_records/unit:train@{data_dir}")
+    # Same through sources.open_source specs (name@data_dir, dataset folder, sliced split).
+    spec_source = sources.open_source(f"tfds:lens_records/unit:train@{data_dir}")
     assert len(spec_source) == 6
     clone = pickle.loads(pickle.dumps(spec_source))  # grain worker processes pickle sources
     assert records.decode_example(clone[5]) == records.decode_example(spec_source[5])
-    assert len(records.open_source(f"tfds:{data_dir}/lens_records/unit/1.0.0:train[:50%]")) == 3
+    assert len(sources.open_source(f"tfds:{data_dir}/lens_records/unit/1.0.0:train[:50%]")) == 3
 
     # TFDS' own data source decodes the features (text fields as bytes).
     ds = tfds.data_source("lens_records/unit", data_dir=str(data_dir), split="train")

@@ -12,7 +12,8 @@ import torch
 
 from lens_jax.lora import adapters as adapters_lib
 from lens_jax.lora import keys
-from lens_jax.lora.files import LoraFileError, merge_lora, read_lora, write_lora
+from lens_jax.errors import LoraFileError
+from lens_jax.lora.files import merge_lora, read_lora, write_lora
 
 ATOL = 2e-4
 
@@ -27,7 +28,7 @@ def base(tmp_path_factory):
     ref = reference_from_config(cfg, seed=3)
     folder = write_diffusers_folder(ref, cfg, tmp_path_factory.mktemp("lora") / "base")
     spec = adapters_lib.LoraSpec(rank=4, alpha=8.0, targets=tuple(keys.TARGETS))
-    from lens_jax.convert.transformer import load_transformer
+    from lens_jax.checkpoints.transformer import load_transformer
 
     blocks = jax.tree.map(np.asarray, _blocks(load_transformer(folder)))
     lora = adapters_lib.init_adapters(jax.random.PRNGKey(1), spec, blocks)
@@ -61,7 +62,7 @@ def test_exported_file_in_peft_matches_adapter(base, tmp_path):
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from lens_jax.convert.transformer import load_transformer
+    from lens_jax.checkpoints.transformer import load_transformer
     from tests.reference.checkpoints import reference_from_config
 
     model = load_transformer(base["folder"])
@@ -107,7 +108,7 @@ def test_exported_file_in_peft_matches_adapter(base, tmp_path):
 def test_scale_and_default_alpha(base, tmp_path):
     from safetensors.numpy import save_file
 
-    from lens_jax.convert.transformer import load_transformer
+    from lens_jax.checkpoints.transformer import load_transformer
     from lens_jax.lora.files import lora_tensors
 
     # no adapter_config.json, no metadata, no alpha: alpha = r, scale 1 -> half of alpha 8 / r 4
@@ -170,7 +171,7 @@ def test_merge_in_step_equals_separate_adapter(base):
     """config.lora.merge_in_step: x (W + s A B) per block gives the adapter's output."""
     import dataclasses
 
-    from lens_jax.convert.transformer import load_transformer
+    from lens_jax.checkpoints.transformer import load_transformer
 
     model = load_transformer(base["folder"])
     separate = _jax_out(model, base["inputs"], adapters_lib.scanned(base["lora"], base["spec"]))

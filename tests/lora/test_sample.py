@@ -17,8 +17,8 @@ ARGS = ["--size", "32x32", "--steps", "2", "--guidance", "3", "--seed", "5", "--
 def files(tmp_path_factory):
     from flax import nnx
 
-    from lens_jax.convert.random_checkpoint import write_random_checkpoint
-    from lens_jax.convert.transformer import read_config
+    from lens_jax.checkpoints.random_checkpoint import write_random_checkpoint
+    from lens_jax.checkpoints.transformer import read_config
     from lens_jax.lora import adapters as adapters_lib
     from lens_jax.lora import keys
     from lens_jax.lora.files import write_lora
@@ -54,7 +54,7 @@ def test_peft_and_kohya_give_the_same_samples(files, tmp_path, capsys):
 def test_load_lora_merges_and_refuses_misfits(files, tmp_path, capsys):
     from safetensors.numpy import save_file
 
-    from lens_jax.lora.files import LoraFileError
+    from lens_jax.errors import LoraFileError
     from lens_jax.sampling.pipeline import LensPipeline
 
     pipe = LensPipeline.from_pretrained(files["ckpt"], devices=1, compilation_cache=False)

@@ -26,7 +26,7 @@ def run(tmp_path_factory):
     """A random tiny base (non-zero modulation, so every block matters), LoRA-trained STEPS steps."""
     from flax import nnx
 
-    from lens_jax.convert.transformer import save_transformer
+    from lens_jax.checkpoints.transformer import save_transformer
     from lens_jax.data.synth_shapes import write_dataset
     from lens_jax.models.transformer import LensTransformer
     from lens_jax.train.loop import train
@@ -65,8 +65,8 @@ def _heldout(config, params):
 
 
 def test_lora_training_lowers_loss_and_keeps_base(run):
-    from lens_jax.convert import keymap
-    from lens_jax.convert.transformer import load_transformer, model_params
+    from lens_jax.checkpoints import keymap
+    from lens_jax.checkpoints.transformer import load_transformer, model_params
     from lens_jax.lora import adapters as adapters_lib
     from lens_jax.lora.export import restore_lora
 
@@ -89,7 +89,7 @@ def test_lora_training_lowers_loss_and_keeps_base(run):
 
 
 def test_export_lora_kohya_and_merge(run, tmp_path):
-    from lens_jax.convert.transformer import load_transformer, model_params
+    from lens_jax.checkpoints.transformer import load_transformer, model_params
     from lens_jax.lora.files import merge_lora, read_lora
     from lens_jax.train.export import main as export_main
 
@@ -122,7 +122,7 @@ def test_full_model_lora_state_holds_adapters_only():
     """configs/lens_3p8b_lora.py on 8 devices: optimizer state for the adapters alone, the bf16
     base FSDP-sharded like full training's parameters."""
     from lens_jax.lora.trainer import LoraTrainer
-    from lens_jax.train.trainer import make_trainer
+    from lens_jax.lora.trainer import make_trainer
 
     config = _load_config("lens_3p8b_lora")
     config.mesh.num_devices = 8
@@ -149,7 +149,7 @@ def test_bf16_base_and_dropout(run):
     import jax.numpy as jnp
 
     from lens_jax.lora.adapters import lora_delta
-    from lens_jax.train.trainer import make_trainer
+    from lens_jax.lora.trainer import make_trainer
     from tests.train.helpers import host_batch
 
     config = run["config"].copy_and_resolve_references()

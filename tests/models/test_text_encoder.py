@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lens_jax.convert.keymap import torch_tensors
-from lens_jax.convert.safetensors_io import ShardedWriter
-from lens_jax.convert.text_encoder import load_text_encoder, text_encoder_mappings
+from lens_jax.checkpoints.keymap import torch_tensors
+from lens_jax.checkpoints.safetensors_io import ShardedWriter
+from lens_jax.checkpoints.text_encoder import load_text_encoder, text_encoder_mappings
 from lens_jax.models.text_encoder import (GptOssConfig, TextEncoder, random_params, resolve_rope,
                                           rope_frequencies)
 from tests.conftest import max_rel_err, rel_l2

@@ -11,9 +11,9 @@ import torch
 from flax import nnx
 
 from configs import lens_3p8b, tiny
-from lens_jax.convert.transformer import load_transformer, tensor_count
+from lens_jax.checkpoints.transformer import load_transformer, tensor_count
 from lens_jax.models import attention as attention_lib
-from lens_jax.models.rope import image_positions, text_positions
+from lens_jax.models.positions import image_positions, text_positions
 from lens_jax.models.transformer import LensTransformer, abstract_model, param_count
 from tests.conftest import max_rel_err, rel_l2
 from tests.reference.checkpoints import reference_from_config, write_diffusers_folder

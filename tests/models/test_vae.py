@@ -8,8 +8,8 @@ import pytest
 import torch
 from flax import nnx
 
-from lens_jax.convert.vae import (FluxVAE, _JIT, blend_ramp, load_vae, random_vae, save_vae,
-                                 tile_starts)
+from lens_jax.checkpoints.vae import load_vae, random_vae, save_vae
+from lens_jax.models.vae import _JIT, FluxVAE, blend_ramp, tile_starts
 from lens_jax.models import vae as vae_lib
 from tests.conftest import max_rel_err, rel_l2
 from tests.reference.diffusers_vae import (TINY_CONFIG, nchw_to_nhwc, nhwc_to_nchw,

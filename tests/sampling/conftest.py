@@ -7,7 +7,7 @@ DATE = "2025-06-12"
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    from lens_jax.convert.random_checkpoint import write_random_checkpoint
+    from lens_jax.checkpoints.random_checkpoint import write_random_checkpoint
     return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "lens-tiny", preset="tiny",
                                    seed=0, progress=False)
 

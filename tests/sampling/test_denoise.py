@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from configs import tiny
-from lens_jax.convert.transformer import load_transformer
+from lens_jax.checkpoints.transformer import load_transformer
 from lens_jax.sampling import denoise as denoise_lib
 from lens_jax.sampling.scheduler import sigmas_for
 from tests.conftest import max_rel_err
@@ -80,7 +80,7 @@ def test_guidance_one_skips_uncond_and_matches_reference(pair):
     assert max_rel_err(out, expected) <= TOL
     # The compiled g = 1 loop has a single forward of batch B per step (no doubled batch).
     graphdef, state = jax.tree.map(lambda x: x, __import__("flax").nnx.split(model))
-    text = denoise_lib._denoise_jit.lower(
+    text = denoise_lib.denoise_jit.lower(
         graphdef, state, jnp.asarray(noise), [jnp.asarray(f) for f in feats], jnp.asarray(mask),
         jnp.asarray(sigmas_for(STEPS, H * W)), jnp.float32(1.0), latent_hw=(H, W), use_cfg=False,
         bf16_timesteps=False, num_train_timesteps=1000, mesh=None).as_text()

@@ -115,7 +115,7 @@ def test_persistent_compilation_cache(tiny_pipe, tmp_path):
         call = dict(CALL, num_inference_steps=1, output_type="latent")
         tiny_pipe(PROMPTS, **call)
         assert any((tmp_path / "cache").iterdir())
-        denoise_lib._denoise_jit.clear_cache()  # forget the in-memory executable
+        denoise_lib.denoise_jit.clear_cache()  # forget the in-memory executable
         events.clear()
         tiny_pipe(PROMPTS, **call)
         assert "/jax/compilation_cache/cache_hits" in events
@@ -135,7 +135,7 @@ def test_compilation_cache_can_be_disabled(monkeypatch):
 
 def test_orbax_transformer(tiny_checkpoint, tiny_pipe, first, tmp_path):
     """The denoiser may come from our orbax layout (``lens-convert to-orbax``)."""
-    from lens_jax.convert.transformer import convert
+    from lens_jax.checkpoints.transformer import convert
     orbax = convert(tiny_checkpoint / "transformer", tmp_path / "orbax", to="orbax", progress=False)
     pipe = pipeline_lib.LensPipeline.from_pretrained(tiny_checkpoint, transformer_path=orbax,
                                                      devices=1, compilation_cache=False)

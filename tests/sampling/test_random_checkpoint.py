@@ -5,8 +5,8 @@ import json
 import jax.numpy as jnp
 import pytest
 
-from lens_jax.convert import random_checkpoint as rc
-from lens_jax.convert.safetensors_io import SafetensorsFolder
+from lens_jax.checkpoints import random_checkpoint as rc
+from lens_jax.checkpoints.safetensors_io import SafetensorsFolder
 from lens_jax.models import config as config_lib
 
 
@@ -39,9 +39,9 @@ def test_tokenizer_has_harmony_ids(tiny_checkpoint):
 
 
 def test_components_load(tiny_checkpoint):
-    from lens_jax.convert.text_encoder import load_text_encoder
-    from lens_jax.convert.transformer import load_transformer
-    from lens_jax.convert.vae import load_vae
+    from lens_jax.checkpoints.text_encoder import load_text_encoder
+    from lens_jax.checkpoints.transformer import load_transformer
+    from lens_jax.checkpoints.vae import load_vae
     model = load_transformer(tiny_checkpoint / "transformer")
     assert model.config.num_layers == 2 and model.config.enc_hidden_dim == 32
     encoder = load_text_encoder(tiny_checkpoint, layers=(1, 3), dtype=jnp.float32, progress=False)
@@ -55,7 +55,7 @@ def test_components_load(tiny_checkpoint):
 
 def test_streaming_writer_matches_the_layout(tmp_path):
     """The ``full`` preset's path (tensor by tensor, bf16), exercised on the tiny shapes."""
-    from lens_jax.convert.transformer import load_transformer
+    from lens_jax.checkpoints.transformer import load_transformer
     cfg = config_lib.transformer_config(**rc.PRESETS["tiny"].transformer)
     rc._write_transformer(cfg, tmp_path / "transformer", seed=0, dtype="bfloat16", streaming=True,
                           max_shard_bytes=40_000, progress=False)
@@ -65,7 +65,7 @@ def test_streaming_writer_matches_the_layout(tmp_path):
 
 
 def test_full_preset_is_the_real_size():
-    from lens_jax.convert.transformer import tensor_count
+    from lens_jax.checkpoints.transformer import tensor_count
     cfg = config_lib.transformer_config(**rc.PRESETS["full"].transformer)
     assert tensor_count(cfg) == 1264
     assert 20e9 < rc.estimated_bytes("full") < 25e9

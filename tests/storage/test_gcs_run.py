@@ -121,7 +121,7 @@ def test_train_kill_resume_export_convert_sample_on_gcs(gcs_bucket, gcs_records,
 
     # Export to gs://, then lens-convert from gs:// to gs:// and back.
     from lens_jax.convert import cli as convert_cli
-    from lens_jax.convert.safetensors_io import SafetensorsFolder
+    from lens_jax.checkpoints.safetensors_io import SafetensorsFolder
     from lens_jax.train import export
 
     exported = f"{gcs_bucket}/export/transformer"

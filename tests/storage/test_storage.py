@@ -6,7 +6,7 @@ import os
 import pytest
 
 from lens_jax import storage
-from lens_jax.convert.safetensors_io import atomic_output_dir
+from lens_jax.output_guard import atomic_output_dir
 
 
 def test_emulator_variable_is_mapped_for_every_library():

@@ -46,6 +46,17 @@ def test_one_host_cli_prints_figures_that_parse_and_saves_the_step(tmp_path):
     assert program["xla_TFLOP"] > program["xla_TFLOP_loop_bodies_once"] > 0
     assert program["analytic_TFLOP"] > 0
     assert abs(program["total_GiB"] - row["total_GiB"]) <= 1e-3 * max(row["total_GiB"], 1e-3)
+    # the saved step is for that slice: a CPU run of the same config is refused by name
+    from configs.tiny import get_config
+    from lens_jax.train import executable
+    from lens_jax.train.mesh import make_mesh
+
+    config = get_config()
+    config.model.attention = "splash"
+    with pytest.raises(executable.ExecutableMismatchError) as e:
+        executable.load(tmp_path / "step.bin", executable.describe(config, make_mesh(config.mesh), 1))
+    assert "platform: compiled for 'tpu', this run has 'cpu'" in str(e.value)
+    assert "device_kind: compiled for 'TPU v5', this run has 'cpu'" in str(e.value)
 
 
 def test_two_hosts_fsdp_and_tensor():

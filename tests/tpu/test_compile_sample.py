@@ -15,14 +15,25 @@ MISSING = topologies.libtpu_missing_reason()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING or "libtpu is installed")
 
 
-@pytest.mark.parametrize("topology,chips", [("v5p:2x2x1", 4), ("v5p:2x2x2", 4)])
-def test_tiny_sampler_compiles_with_splash(topology, chips):
+def _compile(topology, placement="auto"):
     from configs.tiny import get_model_config
     from lens_jax.sampling.compile import compile_sampler
 
-    reports = compile_sampler(topologies.topology(topology), batch=chips, height=64, width=64,
-                              steps=2, model_config=get_model_config(attention="splash"),
-                              tiny=True, text_length=64 + 97, log=lambda *_: None)
+    return compile_sampler(topologies.topology(topology), batch=4, height=64, width=64, steps=2,
+                           model_config=get_model_config(attention="splash"), tiny=True,
+                           text_length=64 + 97, placement=placement, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def one_host():
+    return _compile("v5p:2x2x1")
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5p:2x2x2"])
+def test_tiny_sampler_compiles_with_splash(topology, one_host):
+    result = one_host if topology == "v5p:2x2x1" else _compile(topology)
+    assert result.placement == "first_chip"  # auto: a few MiB of weights fit on one chip
+    reports = result.programs
     names = [r.name.split("[")[0] for r in reports]
     assert names == ["encode", "denoise", "decode"]
     assert all(r.fits and r.total_bytes > 0 for r in reports)
@@ -32,6 +43,22 @@ def test_tiny_sampler_compiles_with_splash(topology, chips):
     # the first chip holds the other networks' weights while each program runs
     assert all(r.resident_bytes > 0 and r.total_bytes >= r.argument_bytes + r.resident_bytes
                for r in reports)
+
+
+def test_tiny_sampler_compiles_sharded(one_host):
+    """placement=sharded on the same host: GPT-OSS's experts (4) and both networks' weights split
+    over the 4 chips, so each program's weights per chip are below first_chip's."""
+    sharded = _compile("v5p:2x2x1", placement="sharded")
+    first = one_host
+    assert (sharded.placement, first.placement) == ("sharded", "first_chip")
+    assert sharded.weight_bytes == first.weight_bytes
+    assert all(r.fits for r in sharded.programs)
+    encode, denoise, _ = sharded.programs
+    assert denoise.mosaic_calls > 0
+    # per chip: the encoder's and the denoiser's arguments are their shards
+    assert encode.argument_bytes < first.programs[0].argument_bytes
+    assert denoise.argument_bytes < first.programs[1].argument_bytes
+    assert sharded.programs[2].resident_bytes < first.programs[2].resident_bytes
 
 
 def test_cli_rejects_a_batch_the_host_cannot_split():

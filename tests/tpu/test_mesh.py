@@ -50,3 +50,19 @@ def test_two_slices_put_only_the_slice_axis_across_slices():
     assert sorted(tuple(d.coords) for d in single.devices.flat) == sorted(
         tuple(d.coords) for d in devices if d.slice_index == 0)
     assert np.asarray(single.devices).shape == (1, 1, 4, 1)
+
+
+@pytest.mark.skipif(bool(MISSING), reason=MISSING or "libtpu is installed")
+def test_split_physical_axes_is_a_config_choice_and_the_error_names_shapes_that_fit():
+    """v5p-128 is 4x4x4 chips: data=2 x fsdp=32 needs a physical axis split in two."""
+    devices = topologies.topology_devices(topologies.topology("v5p-128"))
+    assert _mesh_config().allow_split_physical_axes is False
+    with pytest.raises(ValueError) as e:
+        make_mesh(_mesh_config(data=2, fsdp=-1), devices)
+    message = str(e.value)
+    assert "set --config.mesh.allow_split_physical_axes=True" in message
+    assert "--config.mesh.data=4 --config.mesh.fsdp=16" in message  # the nearest shape that fits
+    assert dict(make_mesh(_mesh_config(data=4, fsdp=-1), devices).shape)["fsdp"] == 16
+    mesh = make_mesh(_mesh_config(data=2, fsdp=-1, allow_split_physical_axes=True), devices)
+    assert dict(mesh.shape) == {"slice": 1, "data": 2, "fsdp": 32, "tensor": 1}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

@@ -83,3 +83,30 @@ def test_tpu_loops_take_the_bound_of_their_condition():
     """TPU HLO has no known_trip_count: the loop bound is the constant its condition compares to;
     TPU dots are convolutions whose operand shapes are defined earlier in the computation."""
     assert hlo_dot_flops(TPU_STYLE_HLO) == (2 * 4 * 8 * 8, 6 * 2 * 4 * 8 * 8)
+
+
+MISSING = topologies.libtpu_missing_reason()
+
+
+@pytest.mark.skipif(bool(MISSING), reason=MISSING or "libtpu is installed")
+@pytest.mark.parametrize("name,kind,peak", [
+    ("v4-8", "TPU v4", 275e12), ("v5p-8", "TPU v5", 459e12), ("v5e-4", "TPU v5 lite", 197e12),
+    ("v6e-4", "TPU v6 lite", 918e12),
+])
+def test_peak_flops_of_the_devices_libtpu_builds(name, kind, peak):
+    """MFU's peak comes from the device_kind a real slice's devices report ("TPU v5" is v5p)."""
+    from lens_jax.train.metrics import device_peak_flops
+
+    device = topologies.topology_devices(topologies.topology(name))[0]
+    assert device.device_kind == kind
+    assert device_peak_flops(device) == peak == topologies.topology(name).peak_flops
+
+
+def test_peak_flops_of_gpus_and_unknown_devices():
+    from lens_jax.train.metrics import device_peak_flops
+
+    kind = lambda k: type("D", (), {"device_kind": k})()
+    assert device_peak_flops(kind("NVIDIA H100 80GB HBM3")) == 989e12
+    assert device_peak_flops(kind("NVIDIA A100-SXM4-40GB")) == 312e12
+    assert device_peak_flops(kind("cpu")) == 0.0
+    assert device_peak_flops(kind("TPU v9")) == 0.0

@@ -7,7 +7,7 @@ from tests.train.helpers import tiny_config
 
 
 def _flat(tree):
-    from lens_jax.convert import keymap
+    from lens_jax.checkpoints import keymap
 
     return {k: np.asarray(v) for k, v in keymap.flatten(jax.device_get(tree)).items()}
 
@@ -15,7 +15,7 @@ def _flat(tree):
 def test_init_from_and_export_roundtrip(tmp_path):
     from flax import nnx
 
-    from lens_jax.convert.transformer import load_transformer, model_params, save_transformer
+    from lens_jax.checkpoints.transformer import load_transformer, model_params, save_transformer
     from lens_jax.models.transformer import LensTransformer
     from lens_jax.train.checkpoint import Checkpointer
     from lens_jax.train.export import main as export_main

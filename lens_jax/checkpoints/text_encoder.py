@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from lens_jax.convert.keymap import (TensorMapping, check_keys, linear, load_tensor, reshape)
-from lens_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder, read_json
+from lens_jax.checkpoints.keymap import (TensorMapping, check_keys, linear, load_tensor, reshape)
+from lens_jax.checkpoints.safetensors_io import SafetensorsFolder, read_json
+from lens_jax.errors import CheckpointError
 from lens_jax.models import mxfp4 as mxfp4_lib
 from lens_jax.models.text_encoder import (GptOssConfig, TextEncoder, check_layers, param_specs,
                                           spec_dtype)

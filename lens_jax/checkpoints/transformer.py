@@ -24,12 +24,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from lens_jax import storage
-from lens_jax.convert import keymap
-from lens_jax.convert.keymap import TensorMapping
-from lens_jax.convert.safetensors_io import (
-    CheckpointError, SafetensorsFolder, ShardedWriter, atomic_output_dir, check_field_types,
-    read_json, write_json)
+from lens_jax import output_guard, storage
+from lens_jax.checkpoints import keymap
+from lens_jax.checkpoints.keymap import TensorMapping
+from lens_jax.checkpoints.safetensors_io import (SafetensorsFolder, ShardedWriter, check_field_types,
+                                                 read_json, write_json)
+from lens_jax.errors import CheckpointError
 from lens_jax.models import config as config_lib
 from lens_jax.models.transformer import LensTransformer, abstract_model
 
@@ -297,7 +297,7 @@ def save_transformer(model: LensTransformer, out_dir: str | os.PathLike, dtype=N
     cfg = model.config
     params = model_params(model)
     mappings = transformer_mappings(cfg)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with output_guard.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         write_json(tmp / "config.json", config_lib.to_diffusers_config(cfg))
         writer = ShardedWriter(tmp, WEIGHTS_PREFIX, max_shard_bytes)
         for key, tensor in keymap.torch_tensors(params, mappings):
@@ -315,8 +315,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, dtype=None,
     Holds one block's tensors in memory at a time (plus one output shard for diffusers). A
     ``gs://`` source is first copied to a local temporary folder; a ``gs://`` output is uploaded.
     """
-    from lens_jax import output_guard
-
     if to not in ("diffusers", "orbax"):
         raise ValueError(f"to={to!r}: expected 'diffusers' or 'orbax'")
     output_guard.check_output(out, {"--src": src})
@@ -331,10 +329,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, dtype=None,
 
 def _convert(src: Path, out: str | os.PathLike, to: str, dtype, max_shard_bytes: int, overwrite: bool,
              progress: bool) -> None:
-    from lens_jax import output_guard
-
     cfg = read_config(src)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with output_guard.atomic_output_dir(out, overwrite=overwrite) as tmp:
         if to == "diffusers":
             write_json(tmp / "config.json", config_lib.to_diffusers_config(cfg))
             writer = ShardedWriter(tmp, WEIGHTS_PREFIX, max_shard_bytes)

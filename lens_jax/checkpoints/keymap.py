@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from lens_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder
+from lens_jax.checkpoints.safetensors_io import SafetensorsFolder
+from lens_jax.errors import CheckpointError
 
 Path = tuple[str, ...]
 Transform = Callable[[np.ndarray], np.ndarray]

@@ -8,24 +8,18 @@ on gs://, uploaded) at the end, so a failure never leaves a half-written checkpo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from lens_jax import storage
+from lens_jax.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk does not match what the loader expects."""
 
 
 def _pickle_refusal(path: Path) -> CheckpointError:
@@ -327,43 +321,3 @@ class ShardedWriter:
             write_json(self.out_dir / f"{self.prefix}.safetensors.index.json",
                        {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map})
         return final_names
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary folder beside ``out_dir``; renames it to ``out_dir`` on success.
-
-    On any exception (Ctrl-C and SIGTERM included, see ``output_guard.interrupts_raise``) the
-    temporary folder is deleted and ``out_dir`` is left untouched. Temporaries of earlier runs
-    killed outright are cleaned or reported first (``output_guard.clean_leftovers``); the output
-    folder gets the user's umask (not mkdtemp's 0700). A ``gs://`` ``out_dir`` is built in a local
-    temporary folder and uploaded (``lens_jax.storage.remote_output_dir``).
-    """
-    from lens_jax import output_guard
-
-    if storage.is_remote(out_dir):
-        with storage.remote_output_dir(out_dir, overwrite=overwrite) as tmp:
-            yield tmp
-            output_guard.raise_if_interrupted()
-        return
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    output_guard.clean_leftovers(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=output_guard.temporary_prefix(out_dir), dir=out_dir.parent))
-    try:
-        os.chmod(tmp, output_guard.dir_mode())
-        yield tmp
-        output_guard.raise_if_interrupted()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=output_guard.temporary_prefix(out_dir, "old"),
-                                    dir=out_dir.parent))
-        os.replace(out_dir, old / "x")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)

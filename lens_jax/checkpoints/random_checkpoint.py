@@ -31,8 +31,8 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from lens_jax import storage
-from lens_jax.convert.safetensors_io import ShardedWriter, atomic_output_dir, write_json
+from lens_jax import output_guard, storage
+from lens_jax.checkpoints.safetensors_io import ShardedWriter, write_json
 from lens_jax.models import config as config_lib
 from lens_jax.models.text_encoder import GptOssConfig
 
@@ -113,7 +113,7 @@ def _transformer_tensor(key: str, shape: tuple[int, ...], rng: np.random.Generat
 
 def _write_transformer(cfg, out_dir: Path, seed: int, dtype: str, streaming: bool,
                        max_shard_bytes: int, progress: bool) -> None:
-    from lens_jax.convert import transformer as tconv
+    from lens_jax.checkpoints import transformer as tconv
 
     rng = np.random.default_rng([seed, 1])
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
@@ -143,7 +143,7 @@ def _write_transformer(cfg, out_dir: Path, seed: int, dtype: str, streaming: boo
 def _write_vae(vae_fields: dict, out_dir: Path, seed: int, dtype: str) -> None:
     import jax.numpy as jnp
 
-    from lens_jax.convert.vae import random_vae, save_vae
+    from lens_jax.checkpoints.vae import random_vae, save_vae
     from lens_jax.models.vae import VAEConfig
 
     vae = random_vae(VAEConfig(**vae_fields), seed=seed, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
@@ -198,7 +198,7 @@ def _text_tensor(key: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
 
 def _write_text_encoder(config: GptOssConfig, out_dir: Path, seed: int, max_shard_bytes: int,
                         progress: bool) -> None:
-    from lens_jax.convert.text_encoder import text_encoder_mappings
+    from lens_jax.checkpoints.text_encoder import text_encoder_mappings
 
     rng = np.random.default_rng([seed, 2])
     out_dir.mkdir(parents=True)
@@ -294,7 +294,7 @@ def write_random_checkpoint(out: str | os.PathLike, preset: str = "tiny", seed: 
     if max(cfg.selected_layer_index) >= text_cfg.num_hidden_layers:
         raise ValueError(f"preset {preset}: selected layers {tuple(cfg.selected_layer_index)} need "
                          f"{max(cfg.selected_layer_index) + 1} text-encoder layers")
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with output_guard.atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_json(tmp / "model_index.json",
                    dict(MODEL_INDEX, _lens_jax_random={"preset": preset, "seed": int(seed)}))
         (tmp / "scheduler").mkdir()
@@ -309,9 +309,9 @@ def write_random_checkpoint(out: str | os.PathLike, preset: str = "tiny", seed: 
 
 def estimated_bytes(preset: str) -> int:
     """Approximate size on disk of a preset's checkpoint (for the CLI's warning)."""
-    from lens_jax.convert import transformer as tconv
-    from lens_jax.convert.text_encoder import text_encoder_mappings
-    from lens_jax.convert.vae import vae_mappings
+    from lens_jax.checkpoints import transformer as tconv
+    from lens_jax.checkpoints.text_encoder import text_encoder_mappings
+    from lens_jax.checkpoints.vae import vae_mappings
     from lens_jax.models.vae import VAEConfig
 
     p = PRESETS[preset]
