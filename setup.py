@@ -52,6 +52,7 @@ setup(
             "torch==2.13.0",
             "diffusers==0.42.1",
             "transformers>=5",
+            "peft>=0.17,<1",  # loads exported LoRA files into the PyTorch reference (tests/lora)
             "nbclient",
             "nbformat",
             "ipykernel",

@@ -98,3 +98,14 @@ class LockLost(RuntimeError):
     Raised by ``lens_jax.train.workdir_lock`` while a run writes. Stop one of the two runs; the
     one that still holds the lock goes on.
     """
+
+
+class LoraFileError(ValueError):
+    """A LoRA file cannot be read or does not fit the model.
+
+    Raised by ``lens_jax.lora.files`` (``read_lora``, ``merge_lora``), hence by
+    ``LensPipeline.load_lora`` and ``lens-sample --lora``: keys that are neither PEFT nor kohya LoRA
+    keys, a module that cannot take a LoRA, a block the model does not have, an ``A`` without its
+    ``B``, or shapes that do not match the weight. The message names the keys and shapes; check
+    that the LoRA was trained for this model (Lens / Lens-Turbo share one architecture).
+    """

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lens_jax.lora.adapters import lora_delta, merge_adapter
 from lens_jax.models import attention as attention_lib
 from lens_jax.models import config as config_lib
 from lens_jax.models.cpu_matmul import dense_bf16
@@ -97,12 +98,16 @@ class BlockStack(nnx.Module):
 def dense(x: jax.Array, p: dict, dtype, n_in: int = 1) -> jax.Array:
     """Contracts the last ``n_in`` axes of ``x`` with the first ``n_in`` of ``p['kernel']``.
     bf16 traced for the CPU: ``cpu_matmul.dense_bf16`` (the same arithmetic, XLA:CPU's fast path)."""
+    if "lora_merge" in p:  # a LoRA adapter folded into this block's kernel (lens_jax.lora.adapters)
+        p = merge_adapter(p, dtype)
     if jnp.dtype(dtype) == jnp.bfloat16 and attention_lib.target_backend() == "cpu":
         y = dense_bf16(x.astype(dtype), p["kernel"].astype(dtype), n_in)
     else:
         y = jnp.tensordot(x.astype(dtype), p["kernel"].astype(dtype), axes=n_in)
     if p.get("bias") is not None:
         y = y + p["bias"].astype(dtype)
+    if "lora_a" in p:  # a low-rank adapter scanned with the blocks (lens_jax.lora.adapters)
+        y = y + lora_delta(x, p, dtype, n_in)
     return y
 
 
@@ -222,11 +227,13 @@ class LensTransformer(nnx.Module):
 
     # -- the ordinary batch ----------------------------------------------------------------------
     def __call__(self, latents: jax.Array, text_features: Sequence[jax.Array], timesteps: jax.Array,
-                 latent_hw: tuple[int, int], text_mask: jax.Array | None = None) -> jax.Array:
+                 latent_hw: tuple[int, int], text_mask: jax.Array | None = None,
+                 adapters: dict | None = None) -> jax.Array:
         """Velocity ``[B, h*w, 128]`` for one image per row.
 
         latents ``[B, h*w, in_channels]``; text_features: one ``[B, L, enc_hidden_dim]`` per selected
         encoder layer; timesteps ``[B]`` sigmas in [0, 1]; text_mask ``[B, L]`` bool (True = valid).
+        adapters: see ``forward_packed``.
         """
         h, w = (int(v) for v in latent_hw)
         if latents.ndim != 3 or latents.shape[1] != h * w:
@@ -244,13 +251,14 @@ class LensTransformer(nnx.Module):
         txt_seg = (jnp.ones((b, n_txt), jnp.int32) if text_mask is None
                    else text_mask.astype(jnp.int32))
         return self.forward_packed(latents, img_pos, img_seg, text_features, txt_pos, txt_seg,
-                                   timesteps[:, None], packed=False)
+                                   timesteps[:, None], packed=False, adapters=adapters)
 
     # -- the token-level core -------------------------------------------------------------------
     def forward_packed(self, img_tokens: jax.Array, img_positions: jax.Array,
                        img_segment_ids: jax.Array, text_features: Sequence[jax.Array],
                        text_positions: jax.Array, text_segment_ids: jax.Array,
-                       segment_timesteps: jax.Array, *, packed: bool = True) -> jax.Array:
+                       segment_timesteps: jax.Array, *, packed: bool = True,
+                       adapters: dict | None = None) -> jax.Array:
         """Velocity ``[B, Ni, 128]`` for packed rows (zero at padding tokens).
 
         img_tokens ``[B, Ni, in_channels]``, img_positions ``[B, Ni, 3]`` int, img_segment_ids
@@ -258,6 +266,8 @@ class LensTransformer(nnx.Module):
         selected layer, text_positions ``[B, Nt, 3]``, text_segment_ids ``[B, Nt]``;
         segment_timesteps ``[B, K]`` sigmas (column k-1 belongs to segment k). ``packed=False``
         promises one segment per row (``__call__``): the GPU then attends with cuDNN, not Pallas.
+        ``adapters``: LoRA adapters scanned with the blocks, ``{param: {"lora_a", "lora_b",
+        "lora_scale", ...}}`` stacked on the layer axis (``lens_jax.lora.adapters.scanned``).
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
@@ -295,7 +305,10 @@ class LensTransformer(nnx.Module):
             body = jax.checkpoint(body)
         elif c.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[c.remat])
-        (x, _), _ = jax.lax.scan(body, (x, txt), _values(self.blocks))
+        blocks = _values(self.blocks)
+        if adapters:
+            blocks = {name: {**p, **adapters.get(name, {})} for name, p in blocks.items()}
+        (x, _), _ = jax.lax.scan(body, (x, txt), blocks)
 
         final = per_token(dense(jax.nn.silu(temb), _values(self.norm_out), dtype), img_segments)
         scale, shift = jnp.split(final, 2, axis=-1)  # scale first (spec 1.2)

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "$LENS_JAX_COMPILATION_CACHE or ~/.cache/lens_jax/jax_cache)")
     parser.add_argument("--no-compilation-cache", action="store_true",
                         help="do not use the persistent compilation cache")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA file into the denoiser at SCALE (default 1); repeatable. "
+                             "PEFT/diffusers (transformer_blocks.N.MODULE.lora_A/B.weight, any "
+                             "transformer./diffusion_model. prefix) or kohya keys "
+                             "(lora_unet_..., lora_down/lora_up/alpha); FILE may be the folder of "
+                             "pytorch_lora_weights.safetensors")
     parser.add_argument("--out", required=True, help="output folder, local or gs://BUCKET/PATH (created if missing)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing {k:05d}.png/.json files in --out")
@@ -189,6 +195,20 @@ def check_settings(*, steps: int | None, guidance: float | None, seed: int, firs
                              f"available ({jax.default_backend()})")
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` -> ``(FILE, SCALE)``; the file must exist."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = spec
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--lora {spec}: {path} not found")
+    return path, scale
+
+
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -230,6 +250,7 @@ def _run(args: argparse.Namespace) -> int:
     from lens_jax.sampling.resolution import check_resolution
 
     check_resolution(height, width)  # fail before loading anything
+    loras = [parse_lora(spec) for spec in args.lora]
     date = date_string(date)
     images = [(job, first_index + k) for k, job in
               enumerate(j for j in jobs for _ in range(n_per_prompt))]
@@ -251,6 +272,9 @@ def _run(args: argparse.Namespace) -> int:
                                         devices=args.devices, bf16_timesteps=args.bf16_timesteps,
                                         placement=args.placement,
                                         compilation_cache=cache, progress=True)
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
+        logging.info("merged LoRA %s at scale %g", path, scale)
     logging.info("%s", pipe)
     storage.makedirs(out)  # only now: a failed load leaves no empty folder (gs://: none needed)
     bar = tqdm(total=len(images), desc="images", unit="img")
@@ -265,6 +289,8 @@ def _run(args: argparse.Namespace) -> int:
         for k, (_, index) in enumerate(chunk):
             settings = dict(result.settings[k], size=f"{width}x{height}", file=f"{index:05d}.png",
                             model=str(args.model))
+            if loras:
+                settings["loras"] = [{"file": str(p), "scale": sc} for p, sc in loras]
             assert settings["image_index"] == index
             png = io.BytesIO()
             result.images[k].save(png, format="PNG")

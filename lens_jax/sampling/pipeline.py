@@ -284,6 +284,22 @@ class LensPipeline:
                    preset=preset or preset_for(path), devices=devices,
                    bf16_timesteps=bf16_timesteps, source=str(path), placement=chosen)
 
+    loras: tuple = ()                 # (path, scale) of each LoRA merged by load_lora
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> "LensPipeline":
+        """Merges a LoRA file into the denoiser: ``W += scale * alpha/r * lora_B @ lora_A`` for each
+        adapted module (PEFT/diffusers keys ``transformer_blocks.N.MODULE.lora_A.weight`` with or
+        without a ``transformer.``/``diffusion_model.``/``base_model.model.`` prefix, or kohya keys
+        ``lora_unet_transformer_blocks_N_MODULE.lora_down.weight``; rank and alpha as
+        ``lens_jax.lora.files`` reads them). ``path``: the ``.safetensors`` file or its folder.
+        Raises ``lens_jax.errors.LoraFileError`` (a ValueError) naming the keys or shapes of a
+        file that does not fit this model, before changing any weight. Returns the pipeline."""
+        from lens_jax.lora.files import merge_lora, read_lora
+
+        merge_lora(self.transformer, read_lora(path, self.transformer.config), float(scale))
+        self.loras = self.loras + ((str(path), float(scale)),)
+        return self
+
     # -- stages ----------------------------------------------------------------------------------
     @property
     def dtype(self) -> jnp.dtype:

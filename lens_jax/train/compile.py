@@ -369,7 +369,7 @@ def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
                   num_slices: int = 1, log=print, vae_program: bool = True) -> CompileResult:
     """Compiles the training step (and, with ``vae_program``, the VAE encoder program) for
     ``num_slices`` x ``topo``."""
-    from lens_jax.train.trainer import Trainer
+    from lens_jax.lora.trainer import make_trainer
 
     devices = topologies.topology_devices(topo, num_slices)
     config = ml_collections.ConfigDict(config.to_dict())
@@ -388,7 +388,7 @@ def compile_train(config: ml_collections.ConfigDict, topo: topologies.Topology,
         f"({rows / chips:g} per chip), attention={config.model.attention}, "
         f"remat={config.model.remat}")
     enc = (text_encoder_spec(config, "tpu") if config.text_encoder.kind == "gpt_oss" else None)
-    trainer = Trainer(config, mesh, with_encoders=False)
+    trainer = make_trainer(config, mesh, with_encoders=False)  # LoRA when config.lora.rank > 0
     state = trainer.abstract_state()
     batch = abstract_batch(config, rows, trainer.batch_sharding)
     frozen = abstract_frozen(config, mesh, trainer.rules, enc)

@@ -105,6 +105,19 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0     # [UNCONFIRMED upstream]; kernels only (no norms, no biases)
     c.optimizer.grad_clip = 1.0        # global-norm clipping (0 = off)
 
+    # --- LoRA (lens_jax.lora): rank 0 trains every weight (full fine-tuning); rank >= 1 trains only
+    #     low-rank adapters on the blocks (the base weights frozen: no gradients, optimizer state or EMA)
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0                    # adapter rank r (0 = no LoRA: full training)
+    c.lora.alpha = 0.0                 # scale = alpha / r (0 = alpha = r, scale 1)
+    c.lora.dropout = 0.0               # dropout on each adapter's input during training
+    c.lora.targets = "attn.*,img_mlp.*,txt_mlp.*"  # diffusers module names (fnmatch patterns,
+    #                                    comma-separated): attn.img_qkv attn.txt_qkv attn.to_out.0
+    #                                    attn.to_add_out {img,txt}_mlp.w{1,2,3} {img,txt}_mod.1
+    c.lora.base_dtype = ""             # dtype of the frozen base weights ("" = model.param_dtype)
+    c.lora.merge_in_step = False       # True: x (W + s A B) per block inside the step: less activation
+    #                                    memory, full fine-tuning's weight-gradient FLOPs; no dropout
+
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.9999               # 0 = no EMA kept (exported weights = raw)
     c.ema.warmup = True                # decay_t = min(decay, (1 + t) / (10 + t))

@@ -8,7 +8,6 @@ needed), then writes a diffusers ``LensTransformer2DModel`` folder with ``save_t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from lens_jax import storage
+from lens_jax.train.run_files import restore_items, run_config  # noqa: F401 - re-exported
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,48 +33,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.json is uploaded last)")
     p.add_argument("--dtype", default="", help="tensor dtype in the folder: float32, bfloat16 (default: as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    lora = p.add_argument_group("LoRA runs (config.lora.rank >= 1)")
+    lora.add_argument("--lora", action="store_true",
+                      help="write the adapter: OUT/pytorch_lora_weights.safetensors (PEFT keys, no "
+                           "prefix) + OUT/adapter_config.json (r, lora_alpha, target_modules)")
+    lora.add_argument("--lora-format", choices=("peft", "kohya"), default="peft",
+                      help="key spelling of --lora: peft (diffusers, default) or kohya "
+                           "(lora_unet_..._lora_down/up + alpha)")
+    lora.add_argument("--merge", action="store_true",
+                      help="write a full diffusers transformer folder with the adapter merged in")
+    lora.add_argument("--lora-scale", type=float, default=1.0,
+                      help="--merge: scale of the adapter (W + scale * alpha/r * B A; default 1)")
     return p
-
-
-def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The training config a run saved in ``workdir/config.json`` (model fields as tuples)."""
-    from lens_jax.models.config import transformer_config
-
-    path = storage.path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a lens-train run directory?")
-    raw = json.loads(path.read_text())
-    model = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["model"].items()}
-    config = ml_collections.ConfigDict(raw)
-    config.model = transformer_config(**model)
-    return config
 
 
 def restore_weights(workdir: str | Path, step: int = -1, ema: bool = True) -> tuple[dict, int, str]:
     """``(nested dict of numpy arrays, step, "ema"|"params")`` from a run's checkpoint."""
     import jax
-    import orbax.checkpoint as ocp
     from flax import nnx
 
     from lens_jax.models.transformer import abstract_model
 
     config = run_config(workdir)
-    ckpt_dir = storage.path(workdir) / "checkpoints"
-    steps = sorted(int(name) for name in storage.listdir(ckpt_dir) if name.isdigit())
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}")
-    if step < 0:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir} (have {steps})")
     name = "ema" if ema and float(config.ema.decay) > 0 else "params"
+    if "lora" in config and int(config.lora.rank) > 0:  # the base with the adapters merged in
+        from lens_jax.lora.export import restore_merged
+
+        return restore_merged(workdir, step, ema)
     abstract = nnx.to_pure_dict(nnx.split(abstract_model(config.model))[1])
     item = {name: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        out = checkpointer.restore(ckpt_dir / str(step) / "state",
-                                   args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                               partial_restore=True))
+    out, step = restore_items(workdir, step, item)
     return out[name], step, name
 
 
@@ -106,13 +94,24 @@ def main(argv: list[str] | None = None) -> int:
         workdir = storage.path(args.workdir)  # local or gs://
         output_guard.check_output(args.out, {"--workdir checkpoints": workdir / "checkpoints",
                                              "--workdir config": workdir / "config.json"})
+        if args.lora and args.merge:
+            raise ValueError("--lora and --merge: choose one (the adapter file or the merged model)")
         if args.overwrite:
-            output_guard.check_replaceable(args.out, DIFFUSERS_PATTERNS, "lens-train export")
+            patterns = (("pytorch_lora_weights.safetensors", "adapter_config.json") if args.lora
+                        else DIFFUSERS_PATTERNS)
+            output_guard.check_replaceable(args.out, patterns, "lens-train export")
         # Writing into the run directory takes its lock: refused while lens-train runs there.
         inside = output_guard.is_within(args.out, args.workdir)
         with (workdir_lock.acquire(args.workdir, "lens-train export") if inside
               else contextlib.nullcontext()):
-            export(args.workdir, args.out, args.step, args.ema, args.dtype, args.overwrite)
+            if args.lora or args.merge:
+                from lens_jax.lora import export as lora_export
+
+                lora_export.export(args.workdir, args.out, args.step, args.ema, merge=args.merge,
+                                   spelling=args.lora_format, scale=args.lora_scale,
+                                   dtype=args.dtype, overwrite=args.overwrite)
+            else:
+                export(args.workdir, args.out, args.step, args.ema, args.dtype, args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, workdir_lock.WorkdirLocked) as e:
         print(f"lens-train export: {e}", file=sys.stderr)
         return 2

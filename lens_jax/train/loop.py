@@ -34,7 +34,7 @@ import ml_collections
 from lens_jax.errors import NonFiniteLossError
 from lens_jax.train import hosts, rundir
 from lens_jax.train import mesh as mesh_lib
-from lens_jax.train.trainer import Trainer
+from lens_jax.lora.trainer import make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
 
     primary = hosts.is_primary()
     mesh = mesh_lib.make_mesh(config.mesh)
-    trainer = Trainer(config, mesh)
+    trainer = make_trainer(config, mesh)
     log.info("mesh %s; %d devices; process %d/%d", dict(mesh.shape), mesh.size, jax.process_index(),
              jax.process_count())
     if config.get("compiled_step_path"):  # lens-train compile --save-executable, checked first

@@ -94,7 +94,7 @@ class SampleGrid:
         from lens_jax.sampling.denoise import denoise
 
         s = self.config.samples
-        params = state["ema"] if (s.use_ema and self.trainer.use_ema) else state["params"]
+        params = self.trainer.model_weights(state, bool(s.use_ema))
         params = jax.device_put(params, self.trainer.replicated)
         model = nnx.merge(self.trainer.graphdef, params)
         latents = denoise(model, self.noise, self.features, self.mask, self.sigmas, float(s.guidance),

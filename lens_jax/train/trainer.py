@@ -138,6 +138,15 @@ class Trainer:
     def apply_fn(self, params, *args) -> jax.Array:
         return nnx.merge(self.graphdef, params).forward_packed(*args)
 
+    def forward_fn(self, state: dict, key: jax.Array) -> Callable:
+        """``f(trainable, *args)`` -> velocity, for the step's gradient (LoRA closes over the base)."""
+        del state, key
+        return self.apply_fn
+
+    def model_weights(self, state: dict, ema: bool) -> dict:
+        """The full model parameters (EMA or raw) of a state, e.g. for sampling."""
+        return state["ema"] if (ema and self.use_ema) else state["params"]
+
     def train_step(self, state: dict, batch: dict, frozen: dict) -> tuple[dict, dict]:
         """One optimizer step (with ``grad_accum_steps`` micro-batches); pure, jit it."""
         c = self.config
@@ -145,12 +154,13 @@ class Trainer:
         accum = int(c.grad_accum_steps)
         key = jax.random.fold_in(state["rng"], state["step"])
         params = state["params"]
+        forward = self.forward_fn(state, key)
 
         def micro(mb, k):
             def loss_of(p):
                 latents, feats = encoders.encode_inputs(c, frozen, mb, self.preamble)
                 return objective.packed_loss(
-                    self.apply_fn, p, mb, jax.lax.stop_gradient(latents), feats, k,
+                    forward, p, mb, jax.lax.stop_gradient(latents), feats, k,
                     sigma_loc=tuple(o.sigma_loc), sigma_tokens=tuple(o.sigma_tokens),
                     sigma_scale=float(o.sigma_scale), sigma_buckets=tuple(o.sigma_buckets))
             (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
@@ -184,8 +194,7 @@ class Trainer:
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
-                     "ema": state["ema"], "rng": state["rng"]}
+        new_state = dict(state, step=state["step"] + 1, params=new_params, opt_state=opt_state)
         if self.use_ema:
             decay = optim.ema_decay(state["step"], float(c.ema.decay), bool(c.ema.warmup))
             new_state["ema"] = optim.ema_update(state["ema"], new_params, decay)
@@ -229,3 +238,4 @@ class Trainer:
         """Per-host numpy batch -> global arrays sharded over the batch axes."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in host_batch.items()}
+

@@ -8,7 +8,8 @@ import pytest
 
 from tests.train.helpers import REPO
 
-CONFIGS = ["tiny", "lens_3p8b_stage1_512", "lens_3p8b_stage2_mixed", "lens_3p8b_finetune"]
+CONFIGS = ["tiny", "lens_3p8b_stage1_512", "lens_3p8b_stage2_mixed", "lens_3p8b_finetune",
+           "tiny_lora", "lens_3p8b_lora"]
 
 
 def load(name):
