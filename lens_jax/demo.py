@@ -2,6 +2,7 @@
 
   python -m lens_jax.demo --out demo_out                       # the whole demo (make demo)
   python -m lens_jax.demo ablation --out ablation_out          # dense vs short captions
+  python -m lens_jax.demo lora --base demo_out --out demo_lora_out   # a new colour with LoRA
 
 ``run`` (the default) does, one stage after another, with the project's own tools:
 
@@ -21,6 +22,14 @@
 ``ablation`` trains the model of ``configs/ablation_captions.py`` twice, on the dense and on the
 short captions, samples each on the same held-out layouts (each prompted in the caption style it
 was trained on) and compares their ``lens-eval layout`` scores.
+
+``lora`` teaches the model of a finished ``run`` (``--base``) a colour it never saw
+(``--concept``, one of ``synth_shapes.HELD_OUT_COLORS``) with a LoRA (``configs/demo_lora.py``):
+records whose objects are partly of the new colour, the base run's word tokenizer extended by the
+new word (existing ids unchanged; the frozen text table already has a row for it, never trained
+on), ``lens-eval layout`` on held-out one-object prompts of the new colour and, as a check that
+the old colours did not collapse, the same layouts in their original colours, before (base model)
+and after (base + LoRA); then ``lens-train export --lora`` and a before/after table.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from lens_jax.train import config_files
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.py"
 ABLATION_CONFIG = REPO_ROOT / "configs" / "ablation_captions.py"
+LORA_CONFIG = REPO_ROOT / "configs" / "demo_lora.py"
 CATEGORIES = ("object_present", "count", "colour", "single_object_colour", "shape", "position",
               "region", "colour_binding")
 TARGET_SINGLE_OBJECT_COLOUR = 0.8
@@ -129,6 +139,8 @@ def train_run(config, workdir: Path, config_path: Path, overrides: Sequence[str]
     from lens_jax.train.loop import train
 
     driver_set = [f"data.path={config.data.path}"]
+    if config.init_from:
+        driver_set.append(f"init_from={config.init_from}")
     if str(config.data.tokenizer).startswith("json:"):
         driver_set.append(f"data.tokenizer={config.data.tokenizer}")
     _command(["lens-train", "--config", str(config_path), "--workdir", str(workdir)]
@@ -204,7 +216,10 @@ def heldout_loss(workdir: Path, data: Path, batches: int) -> dict[str, float]:
 class Sampler:
     """Samples a run's models (trained EMA weights / weights at init) on evaluation prompts."""
 
-    def __init__(self, workdir: Path, steps: int, guidance: float, seed: int = 0, batch: int = 8):
+    def __init__(self, workdir: Path, steps: int, guidance: float, seed: int = 0, batch: int = 8,
+                 tokenizer: str | None = None, untrained: bool = True):
+        """``tokenizer``: a ``data.tokenizer`` replacing the run's (``lora``: the extended one);
+        ``untrained=False``: no "untrained" model (a LoRA run's init is its base)."""
         import jax
 
         from lens_jax.train.export import restore_weights, run_config
@@ -213,11 +228,16 @@ class Sampler:
         config = run_config(workdir)
         config.mesh.num_devices = 1
         config.mesh.update(slice=1, data=1, fsdp=1, tensor=1)
+        if tokenizer is not None:
+            config.data.tokenizer = tokenizer
+        if not untrained:
+            config.init_from = ""  # Trainer() loads nothing then
         self.config = config
         self.trainer = Trainer(config)
         self.params = {}
         self.params["trained"], self.step, self.weights = restore_weights(workdir, -1, ema=True)
-        self.params["untrained"] = jax.device_get(self.trainer.init_state()["params"])
+        if untrained:
+            self.params["untrained"] = jax.device_get(self.trainer.init_state()["params"])
         self.steps, self.guidance, self.seed, self.batch = int(steps), float(guidance), int(seed), int(batch)
 
     def model(self, which: str):
@@ -512,6 +532,188 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+# ----------------------------------------------------------------------------- lora
+
+def extend_word_tokenizer(base: Path, out: Path, texts: Sequence[str], vocab_size: int) -> list[str]:
+    """``base``'s word-level tokenizer with every word of ``texts`` it lacks appended (ids after
+    the existing ones, which keep theirs: the base model reads old captions exactly as before),
+    saved as ``out``; returns the new words. ``vocab_size``: rows of the frozen text table
+    (``text_encoder.vocab_size``), which every id must stay below."""
+    from tokenizers import Tokenizer, models
+
+    tokenizer = Tokenizer.from_file(str(base))
+    vocab = tokenizer.get_vocab()
+    new: list[str] = []
+    for text in texts:
+        for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text)):
+            if word not in vocab and word not in new:
+                new.append(word)
+    vocab = vocab | {w: len(vocab) + i for i, w in enumerate(new)}
+    if len(vocab) > vocab_size:
+        raise ValueError(f"{base}: {len(vocab)} words with {new} do not fit the text table of "
+                         f"text_encoder.vocab_size={vocab_size} rows")
+    extended = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    extended.normalizer = tokenizer.normalizer
+    extended.pre_tokenizer = tokenizer.pre_tokenizer
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    extended.save(str(tmp))
+    tmp.replace(out)
+    _say(f"wrote {out} ({base.name} + {new or 'no new words'}: ids {len(vocab) - len(new)}.."
+         f"{len(vocab) - 1})")
+    return new
+
+
+def concept_prompts(num: int, seed: int, base_size: int, groups: Sequence[int], color: str
+                    ) -> tuple[list[dict], list[dict]]:
+    """``num`` held-out one-object prompts of the new ``color`` and the same layouts in their
+    original colours (``make_eval_set``'s stream, disjoint from every training stream): same
+    shapes, sizes, places, backgrounds and noise; only the colour word differs."""
+    from lens_jax.data.synth_shapes import caption_dense, caption_short, with_new_color
+    from lens_jax.eval.layout import make_eval_set
+
+    singles = [p for p in make_eval_set(4 * num, seed, base_size, groups) if len(p.layout["objects"]) == 1]
+
+    def row(layout: dict, p) -> dict:
+        return {"caption": caption_dense(layout), "short_caption": caption_short(layout),
+                "width": p.width, "height": p.height, "layout": layout}
+
+    old = [row(p.layout, p) for p in singles[:num]]
+    new = [row(with_new_color(p.layout, np.random.default_rng([seed, i]), color), p)
+           for i, p in enumerate(singles[:num])]
+    return new, old
+
+
+def lora_table(reports: dict[str, dict[str, Any]], color: str) -> str:
+    """Before/after rows (base, base + LoRA) for the new colour's and the old colours' prompts."""
+    rows = (("single_object_colour", "single-object colour"), ("object_present", "colour present"),
+            ("count", "no extra objects"), ("shape", "shape"))
+    lines = [f"{'prompts':<14} {'lens-eval layout':<22} {'before (base)':>14} {'after (+LoRA)':>14}",
+             "-" * 67]
+    for prompts, label in ((color, f"new: {color}"), ("old", "old colours")):
+        for key, name in rows:
+            b = reports[f"{prompts}_before"]["categories"][key]
+            a = reports[f"{prompts}_after"]["categories"][key]
+            lines.append(f"{label:<14} {name:<22} {b['score']:>8.3f} ({b['passed']:>2}) "
+                         f"{a['score']:>8.3f} ({a['passed']:>2})")
+        n = reports[f"{prompts}_before"]["num_images"]
+        lines.append(f"{'':<14} {f'({n} one-object prompts, passed in brackets)':<52}")
+    return "\n".join(lines)
+
+
+def lora(args: argparse.Namespace) -> dict[str, Any]:
+    _setup_logging()
+    from lens_jax.data.synth_shapes import HELD_OUT_COLORS, write_dataset
+    from lens_jax.train.run_files import run_config
+
+    base_run = Path(args.base).absolute() / "run"
+    out = Path(args.out).absolute()
+    if not (base_run / "config.json").is_file():
+        raise FileNotFoundError(f"--base {args.base}: no finished demo run in {base_run} (run "
+                                "python -m lens_jax.demo --out DIR first, or make demo)")
+    if args.concept not in HELD_OUT_COLORS:
+        raise ValueError(f"--concept {args.concept}: not a held-out colour; known: {sorted(HELD_OUT_COLORS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    base_config = run_config(base_run)
+    config_path = Path(args.config)
+    config = load_config(config_path, args.overrides)
+    base_size, groups = data_sizes(config)
+    prompt_key = "short_caption" if config.data.short_caption_prob >= 0.5 else "caption"
+    color = args.concept
+
+    _stage(f"1/6 data: records with the new colour '{color}', held-out prompts, tokenizer")
+    t = time.perf_counter()
+    base_tok = str(base_config.data.tokenizer)
+    if not base_tok.startswith("json:"):
+        raise ValueError(f"{base_run}/config.json: data.tokenizer={base_tok!r}; the lora demo "
+                         "extends the base run's word-level json: tokenizer")
+    train_dir = out / "data" / "train"
+    _say(f"synth_shapes.write_dataset({train_dir}, num={args.train_num}, seed=2, "
+         f"base_size={base_size}, groups={list(groups)}, new_color={color!r})")
+    write_dataset(train_dir, args.train_num, seed=2, base_size=base_size, groups=groups,
+                  overwrite=True, new_color=color)
+    new_prompts, old_prompts = concept_prompts(args.eval_num, 2, base_size, groups, color)
+    for name, rows in ((color, new_prompts), ("old", old_prompts)):
+        (out / f"eval_prompts_{name}.jsonl").write_text(
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    from lens_jax.data.records import read_examples
+
+    captions = [ex.short_caption for ex in read_examples(train_dir)] + [r[prompt_key] for r in new_prompts]
+    tokenizer = out / "word_tokenizer.json"
+    new_words = extend_word_tokenizer(Path(base_tok[len("json:"):]), tokenizer, captions,
+                                      int(base_config.text_encoder.vocab_size))
+    with_color = sum(color in c.split() for c in captions[:args.train_num])
+    _say(f"{args.train_num} records ({with_color} captions name '{color}'), e.g. "
+         f"{captions[0]!r}; {len(new_prompts)} held-out prompts, e.g. {new_prompts[0][prompt_key]!r} "
+         f"(and {old_prompts[0][prompt_key]!r})")
+    timings["data"] = time.perf_counter() - t
+
+    prompt_sets = {color: new_prompts, "old": old_prompts}
+    reports: dict[str, dict[str, Any]] = {}
+
+    def sample_and_score(sampler: Sampler, when: str) -> None:
+        for name, rows in prompt_sets.items():
+            folder = out / "samples" / f"{name}_{when}"
+            sample_prompts(sampler, "trained", rows, prompt_key, folder)
+            reports[f"{name}_{when}"] = score_folder(folder, out / f"scores_{name}_{when}.json")
+
+    _stage("2/6 before: the base model on the held-out prompts, scored with lens-eval layout")
+    t = time.perf_counter()
+    sample_and_score(Sampler(base_run, args.sample_steps, args.guidance, tokenizer=f"json:{tokenizer}",
+                             untrained=False), "before")
+    timings["before"] = time.perf_counter() - t
+
+    _stage(f"3/6 train a LoRA from the base run's weights ({config_path.name})")
+    t = time.perf_counter()
+    workdir = out / "run"
+    config.data.path = str(train_dir)
+    config.data.tokenizer = f"json:{tokenizer}"
+    config.init_from = f"run:{base_run}"
+    train_run(config, workdir, config_path, args.overrides)
+    timings["train"] = time.perf_counter() - t
+
+    _stage("4/6 after: base + LoRA on the same prompts and noise")
+    t = time.perf_counter()
+    sample_and_score(Sampler(workdir, args.sample_steps, args.guidance, untrained=False), "after")
+    timings["after"] = time.perf_counter() - t
+
+    _stage("5/6 export the LoRA for PyTorch (lens-train export --lora)")
+    t = time.perf_counter()
+    from lens_jax.train import export as export_cli
+
+    lora_dir = out / "lora"
+    argv = ["--workdir", str(workdir), "--out", str(lora_dir), "--lora", "--overwrite"]
+    _command(["lens-train", "export"] + argv)
+    _check(export_cli.main(argv), "lens-train export --lora")
+    timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+
+    _stage(f"6/6 before / after: '{color}' (never in the base run's data) and the old colours")
+    table = lora_table(reports, color)
+    _say(table)
+    summary = {
+        "base": str(base_run), "concept": color, "new_words": new_words,
+        "config": str(config_path), "overrides": list(args.overrides), "num_steps": int(config.num_steps),
+        "prompt_key": prompt_key, "sample_steps": args.sample_steps, "guidance": args.guidance,
+        "scores": {k: {c: r["categories"][c]["score"] for c in CATEGORIES} | {"overall": r["overall"]}
+                   for k, r in reports.items()},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "table": table,
+        "outputs": {"train_records": str(train_dir), "word_tokenizer": str(tokenizer),
+                    "workdir": str(workdir), "lora": str(lora_dir),
+                    **{f"samples_{k}": str(out / "samples" / k) for k in reports},
+                    **{f"scores_{k}": str(out / f"scores_{k}.json") for k in reports}},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _say(f"\nLoRA file: {lora_dir / 'pytorch_lora_weights.safetensors'} (PEFT keys; load with "
+         f"lens-sample --lora FILE or diffusers)")
+    _say("  " + "  ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items()))
+    _say(f"wrote {out / 'summary.json'}")
+    return summary
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -519,15 +721,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
 
-    def common(q: argparse.ArgumentParser, config: Path, out: str) -> None:
+    def common(q: argparse.ArgumentParser, config: Path, out: str, train_num: int = 4000,
+               eval_num: int = 200) -> None:
         q.add_argument("--out", default=out, help=f"output folder (default {out}); an existing "
                        "one is reused: same records are kept, a finished run is not retrained")
         q.add_argument("--config", default=str(config), help=f"training config file (default {config}); "
                        "any field is overridden as for lens-train: --config.FIELD=VALUE, e.g. "
                        "--config.num_steps=200 (repeatable)")
-        q.add_argument("--train-num", type=int, default=4000, help="training records (default 4000)")
-        q.add_argument("--eval-num", type=int, default=200,
-                       help="held-out evaluation prompts, 1-4 objects in equal shares (default 200)")
+        q.add_argument("--train-num", type=int, default=train_num,
+                       help=f"training records (default {train_num})")
+        q.add_argument("--eval-num", type=int, default=eval_num,
+                       help=f"held-out evaluation prompts (default {eval_num}): 1-4 objects in "
+                       "equal shares; lora: one-object prompts of the new colour (and as many of "
+                       "the old colours)")
         q.add_argument("--sample-steps", type=int, default=20, help="Euler steps per sample (default 20)")
         q.add_argument("--guidance", type=float, default=12.0,
                        help="classifier-free guidance (default 12: best single-object colour on "
@@ -540,12 +746,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grid", type=int, default=12, help="prompts in grid.png (default 12)")
     a = sub.add_parser("ablation", help="dense vs short captions")
     common(a, ABLATION_CONFIG, "ablation_out")
+    from lens_jax.data.synth_shapes import HELD_OUT_COLORS
+
+    lo = sub.add_parser("lora", help="teach a finished run a new colour with LoRA")
+    common(lo, LORA_CONFIG, "demo_lora_out", train_num=800, eval_num=32)
+    lo.add_argument("--base", default="demo_out",
+                    help="output folder of a finished demo run (default demo_out: make demo's)")
+    lo.add_argument("--concept", default="cyan", choices=sorted(HELD_OUT_COLORS),
+                    help="the colour to teach (never drawn in the base run's data; default cyan)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "ablation", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "ablation", "lora", "-h", "--help"):
         argv = ["run"] + argv
     try:
         config_file, overrides, argv = config_files.split_config_args(argv)
@@ -557,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config = config_file
     args.overrides = overrides
     try:
-        (ablation if args.command == "ablation" else run)(args)
+        {"ablation": ablation, "lora": lora}.get(args.command, run)(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"lens_jax.demo: error: {e}", file=sys.stderr)
         return 2

@@ -50,6 +50,13 @@ OBJECT_COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 110, 180),
     "brown": (130, 75, 35),
 }
+# Colours the generator never draws (``sample_layout`` picks from OBJECT_COLORS only): new concepts
+# for a LoRA to learn (``python -m lens_jax.demo lora``, ``with_new_color``). Each is more than 95
+# RGB units from every object and background colour, so ``lens-eval layout`` tells it apart.
+HELD_OUT_COLORS: dict[str, tuple[int, int, int]] = {
+    "cyan": (0, 200, 210),
+    "lime": (150, 230, 20),
+}
 BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
@@ -188,6 +195,23 @@ def sample_layout(rng: np.random.Generator, width: int, height: int) -> dict[str
     objects.sort(key=lambda o: (min(2, int(3 * o["center"][1] / height)), o["center"][0]))
     return {"version": LAYOUT_VERSION, "width": width, "height": height,
             "background": background, "objects": objects}
+
+
+def with_new_color(layout: dict[str, Any], rng: np.random.Generator, color: str,
+                   share: float = 0.5) -> dict[str, Any]:
+    """``layout`` with some objects recoloured to the held-out ``color``: each with probability
+    ``share``, and at least one (a copy; the captions are written from the result)."""
+    if color not in HELD_OUT_COLORS:
+        raise ValueError(f"unknown held-out colour {color!r}; known: {sorted(HELD_OUT_COLORS)}")
+    objects = [dict(o) for o in layout["objects"]]
+    if not objects:
+        return dict(layout, objects=objects)
+    chosen = rng.random(len(objects)) < share
+    chosen[int(rng.integers(len(objects)))] = True
+    for obj, change in zip(objects, chosen):
+        if change:
+            obj.update(color=color, rgb=list(HELD_OUT_COLORS[color]))
+    return dict(layout, objects=objects)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,11 +437,17 @@ def caption_short(layout: dict[str, Any]) -> str:
 # Dataset
 
 
-def generate_example(seed: int, index: int, sizes: Sequence[tuple[int, int]]) -> Example:
-    """Example ``index`` of the dataset with ``seed`` (a pure function of its arguments)."""
+def generate_example(seed: int, index: int, sizes: Sequence[tuple[int, int]],
+                     new_color: str | None = None) -> Example:
+    """Example ``index`` of the dataset with ``seed`` (a pure function of its arguments).
+
+    ``new_color``: a held-out colour (``HELD_OUT_COLORS``) given to some objects of every layout
+    (``with_new_color``); None (the default) draws the plain dataset."""
     rng = np.random.default_rng([seed, index])
     width, height = sizes[int(rng.integers(len(sizes)))]
     layout = sample_layout(rng, width, height)
+    if new_color is not None:
+        layout = with_new_color(layout, rng, new_color)
     image = render_layout(layout, width, height)
     metadata = {"generator": SOURCE_TAG, "seed": seed, "index": index, "layout": layout}
     return Example(image_bytes=encode_png(image), caption=caption_dense(layout),
@@ -426,15 +456,15 @@ def generate_example(seed: int, index: int, sizes: Sequence[tuple[int, int]]) ->
                    metadata=json.dumps(metadata, sort_keys=True, separators=(",", ":")))
 
 
-def _generate_star(args: tuple[int, int, tuple[tuple[int, int], ...]]) -> Example:
+def _generate_star(args: tuple[int, int, tuple[tuple[int, int], ...], str | None]) -> Example:
     return generate_example(*args)
 
 
 def iter_examples(num: int, seed: int, sizes: Sequence[tuple[int, int]], workers: int = 1,
-                  show_progress: bool = False) -> Iterator[Example]:
+                  show_progress: bool = False, new_color: str | None = None) -> Iterator[Example]:
     """Examples ``0..num-1`` in order, generated in ``workers`` processes."""
     sizes = tuple(tuple(s) for s in sizes)
-    jobs = [(seed, i, sizes) for i in range(num)]
+    jobs = [(seed, i, sizes, new_color) for i in range(num)]
     wrap = (lambda it: it)
     if show_progress:
         from tqdm import tqdm
@@ -457,13 +487,18 @@ def iter_examples(num: int, seed: int, sizes: Sequence[tuple[int, int]], workers
 
 def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, base_size: int = 512,
                   groups: Sequence[int] = (512, 768, 1024), num_shards: int = 1, workers: int = 1,
-                  overwrite: bool = False, show_progress: bool = False) -> list[str]:
-    """Writes ``num`` synthetic examples as lens records in ``out_dir``; returns the shards."""
+                  overwrite: bool = False, show_progress: bool = False,
+                  new_color: str | None = None) -> list[str]:
+    """Writes ``num`` synthetic examples as lens records in ``out_dir``; returns the shards.
+
+    ``new_color``: see ``generate_example`` (recorded in the manifest when set)."""
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
     sizes = bucket_sizes(base_size, groups)
-    return write_shards(iter_examples(num, seed, sizes, workers, show_progress), out_dir,
+    settings = {"seed": seed, "num": num, "base_size": base_size, "groups": list(groups),
+                "sizes": [list(s) for s in sizes]}
+    if new_color is not None:
+        settings["new_color"] = new_color
+    return write_shards(iter_examples(num, seed, sizes, workers, show_progress, new_color), out_dir,
                         num_shards, overwrite=overwrite,
-                        extra_manifest={"source": SOURCE_TAG, "synth_shapes": {
-                            "seed": seed, "num": num, "base_size": base_size,
-                            "groups": list(groups), "sizes": [list(s) for s in sizes]}})
+                        extra_manifest={"source": SOURCE_TAG, "synth_shapes": settings})

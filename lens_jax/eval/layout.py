@@ -6,7 +6,8 @@ colour segmentation and geometry, with no learned detector:
 
 1. every pixel takes the nearest of the eight object colours, unless it is closer to the layout's
    background (a plain colour, or anywhere on the segment between the two colours of a gradient)
-   or farther than ``max_color_distance`` from every object colour;
+   or farther than ``max_color_distance`` from every object colour (a layout that names a held-out
+   colour of ``synth_shapes.HELD_OUT_COLORS`` adds it to the eight: ``palette``);
 2. each colour mask is opened (``opening_size`` square) to drop anti-aliased rims, thin bridges
    and noise; its connected components of at least ``min_area_fraction`` of a small object's
    bounding square are the detected objects;
@@ -33,8 +34,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lens_jax.data.synth_shapes import (POSITION_NAMES, OBJECT_COLORS, SHAPES, SIZE_FRACTIONS,
-                                        bucket_sizes, caption_dense, caption_short,
+from lens_jax.data.synth_shapes import (HELD_OUT_COLORS, POSITION_NAMES, OBJECT_COLORS, SHAPES,
+                                        SIZE_FRACTIONS, bucket_sizes, caption_dense, caption_short,
                                         render_layout, sample_layout)
 
 REPORT_VERSION = 1
@@ -165,13 +166,24 @@ def _background_distance(pixels: np.ndarray, background: dict[str, Any]) -> np.n
     return np.sqrt(np.einsum("hwc,hwc->hw", residual, residual))
 
 
+def palette(layout: dict[str, Any]) -> tuple[str, ...]:
+    """The object colours an image of ``layout`` is segmented with: ``COLOR_NAMES``, then the
+    held-out colours (``synth_shapes.HELD_OUT_COLORS``) its objects name. Layouts of the generator
+    name none, so their scores do not depend on the held-out colours."""
+    extra = {o["color"] for o in layout["objects"]} & set(HELD_OUT_COLORS)
+    return COLOR_NAMES + tuple(c for c in HELD_OUT_COLORS if c in extra)
+
+
 def color_labels(image: np.ndarray, layout: dict[str, Any],
                  config: ScoreConfig = ScoreConfig()) -> np.ndarray:
-    """Per-pixel object colour index into ``COLOR_NAMES`` [H, W], -1 for background / none."""
+    """Per-pixel object colour index into ``palette(layout)`` [H, W], -1 for background / none."""
     pixels = _check_image(image).astype(np.float32)
-    # Squared distances to the 8 colours, |p|^2 - 2 p.c + |c|^2 (exact in float32 for 0..255).
-    squared = ((pixels ** 2).sum(-1, keepdims=True) - 2.0 * pixels @ _COLOR_RGB.T
-               + (_COLOR_RGB ** 2).sum(-1))  # [H, W, 8]
+    colors = palette(layout)
+    rgb = _COLOR_RGB if len(colors) == len(COLOR_NAMES) else np.asarray(
+        [OBJECT_COLORS.get(c) or HELD_OUT_COLORS[c] for c in colors], np.float32)  # [K, 3]
+    # Squared distances to the K colours, |p|^2 - 2 p.c + |c|^2 (exact in float32 for 0..255).
+    squared = ((pixels ** 2).sum(-1, keepdims=True) - 2.0 * pixels @ rgb.T
+               + (rgb ** 2).sum(-1))  # [H, W, K]
     nearest = np.argmin(squared, axis=-1)
     nearest_dist = np.sqrt(np.maximum(
         np.take_along_axis(squared, nearest[..., None], axis=-1)[..., 0], 0.0))
@@ -304,6 +316,7 @@ def detect_objects(image: np.ndarray, layout: dict[str, Any],
     from scipy import ndimage
 
     labels = color_labels(image, layout, config)
+    colors = palette(layout)
     height, width = labels.shape
     small_side = SIZE_FRACTIONS["small"] * min(width, height)
     min_area = max(4.0, config.min_area_fraction * small_side ** 2)
@@ -313,7 +326,7 @@ def detect_objects(image: np.ndarray, layout: dict[str, Any],
         for region in _regions(labels == color_index, min_area, config, ndimage):
             ys, xs = np.nonzero(region)
             found.append(Detection(
-                color=COLOR_NAMES[int(color_index)], shape=classify_shape(region, config),
+                color=colors[int(color_index)], shape=classify_shape(region, config),
                 area=int(len(ys)), center=(float(xs.mean() + 0.5), float(ys.mean() + 0.5)),
                 bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
         found.sort(key=lambda d: (-d.area, d.center[1], d.center[0]))
@@ -540,7 +553,7 @@ def _check_layout(layout: Any, where: str) -> None:
         lacking = [f for f in ("shape", "color", "center", "position") if f not in obj]
         if lacking:
             raise ValueError(f"{where}: object {k} lacks {lacking}")
-        if obj["color"] not in OBJECT_COLORS:
+        if obj["color"] not in OBJECT_COLORS and obj["color"] not in HELD_OUT_COLORS:
             raise ValueError(f"{where}: object {k} has unknown colour {obj['color']!r}")
 
 

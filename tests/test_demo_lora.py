@@ -1,0 +1,105 @@
+"""``python -m lens_jax.demo lora`` (``make demo-lora``) end to end at a minimal size.
+
+A 3-step tiny base run, then the LoRA subcommand on it (3 LoRA steps, 2 prompts, 2 sampler steps):
+checks that the pieces connect (the new colour in the records' captions and in the extended
+tokenizer with the old ids kept, before/after scores of both prompt sets, the exported LoRA file,
+the printed table). The real run's figures, which show the learning, are in docs/demo.md.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lens_jax import demo
+
+TINY = ["--config.data.rows_per_host", "2", "--config.logging.every=1", "--config.samples.every=0"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("base")
+    assert demo.main(["--out", str(base), "--train-num", "24", "--heldout-num", "8", "--eval-num", "1",
+                      "--sample-steps", "1", "--heldout-batches", "1", "--grid", "1",
+                      "--config.num_steps=2"] + TINY) == 0
+    out = tmp_path_factory.mktemp("lora")
+    assert demo.main(["lora", "--base", str(base), "--out", str(out), "--concept", "lime",
+                      "--train-num", "16", "--eval-num", "2", "--sample-steps", "2",
+                      "--config.num_steps=3", "--config.checkpoint.every=3"] + TINY) == 0
+    return base, out, json.loads((out / "summary.json").read_text())
+
+
+def test_records_and_tokenizer_carry_the_new_colour(lora_run):
+    from tokenizers import Tokenizer
+
+    from lens_jax.data.records import read_examples
+
+    base, out, summary = lora_run
+    examples = list(read_examples(summary["outputs"]["train_records"]))
+    assert len(examples) == 16 and all("lime" in ex.short_caption.split() for ex in examples)
+    assert all(any(o["color"] == "lime" for o in json.loads(ex.metadata)["layout"]["objects"])
+               for ex in examples)
+    assert summary["new_words"] == ["lime"]
+    old = Tokenizer.from_file(str(base / "word_tokenizer.json"))
+    new = Tokenizer.from_file(summary["outputs"]["word_tokenizer"])
+    assert new.get_vocab() == old.get_vocab() | {"lime": old.get_vocab_size()}
+    assert old.encode("a lime circle").ids.count(0) == 1  # [UNK] for the base run
+    assert new.encode("a lime circle").ids == [old.token_to_id("a"), old.get_vocab_size(),
+                                               old.token_to_id("circle")]
+    run_config = json.loads((Path(summary["outputs"]["workdir"]) / "config.json").read_text())
+    assert run_config["init_from"] == f"run:{base / 'run'}" and run_config["lora"]["rank"] == 8
+    assert run_config["data"]["tokenizer"] == f"json:{summary['outputs']['word_tokenizer']}"
+
+
+def test_scores_before_and_after(lora_run):
+    _, out, summary = lora_run
+    assert set(summary["scores"]) == {"lime_before", "lime_after", "old_before", "old_after"}
+    for key in summary["scores"]:
+        report = json.loads(Path(summary["outputs"][f"scores_{key}"]).read_text())
+        assert report["num_images"] == 2
+        assert report["categories"]["single_object_colour"]["prompts"] == 2
+        layouts = [r["layout"] for r in map(json.loads, sorted(
+            p.read_text() for p in Path(summary["outputs"][f"samples_{key}"]).glob("*.json")))]
+        colors = {o["color"] for layout in layouts for o in layout["objects"]}
+        assert (colors == {"lime"}) == key.startswith("lime")
+
+
+def test_lora_file_and_table(lora_run, capsys):
+    from safetensors.numpy import load_file
+
+    _, out, summary = lora_run
+    lora_dir = Path(summary["outputs"]["lora"])
+    tensors = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
+    assert any(k.endswith("attn.txt_qkv.lora_A.weight") for k in tensors)
+    assert all(np.isfinite(v).all() for v in tensors.values())
+    assert json.loads((lora_dir / "adapter_config.json").read_text())["r"] == 8
+    table = summary["table"].splitlines()
+    assert "before (base)" in table[0] and "after (+LoRA)" in table[0]
+    assert sum(line.startswith("new: lime") for line in table) == 4
+    assert sum(line.startswith("old colours") for line in table) == 4
+
+
+def test_scorer_palette_adds_held_out_colours_only_when_named():
+    """A generator layout is scored with the eight colours (make demo's scores unchanged); a layout
+    naming a held-out colour finds it."""
+    from lens_jax.data.synth_shapes import (BACKGROUND_COLORS, HELD_OUT_COLORS, OBJECT_COLORS,
+                                            render_layout, with_new_color)
+    from lens_jax.eval.layout import COLOR_NAMES, make_eval_set, palette, score_image
+
+    layout = make_eval_set(1, seed=3, base_size=96, groups=(512,))[0].layout
+    assert palette(layout) == COLOR_NAMES
+    cyan = with_new_color(layout, np.random.default_rng(0), "cyan")
+    assert palette(cyan) == COLOR_NAMES + ("cyan",)
+    image = render_layout(cyan)
+    assert score_image(image, cyan)["categories"]["single_object_colour"] is True
+    assert {d["color"] for d in score_image(image, cyan)["detections"]} == {"cyan"}
+    # the same cyan image against the original layout: cyan is no object colour there
+    assert score_image(image, layout)["categories"]["object_present"] is False
+    others = list(OBJECT_COLORS.values()) + list(BACKGROUND_COLORS.values())
+    assert min(np.linalg.norm(np.subtract(c, o)) for c in HELD_OUT_COLORS.values() for o in others) > 95
+
+
+def test_unknown_base_is_reported(tmp_path, capsys):
+    assert demo.main(["lora", "--base", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no finished demo run" in capsys.readouterr().err
