@@ -1,12 +1,13 @@
 # The two commands of the README: `make demo` (train a small Lens on the CPU, sample, score,
-# export: lens_jax/demo.py, docs/demo.md) and `make test`. `make ablation`: dense vs short captions.
+# export: lens_jax/demo.py, docs/demo.md) and `make test`. `make ablation`: dense vs short captions;
+# `make demo-lora` (after `make demo`): teach demo_out's model a new colour with LoRA.
 # Both create the virtual environment in .venv when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test venv clean bench demo ablation constraints
+.PHONY: test venv clean bench demo demo-lora ablation constraints
 
 # constraints.txt: the exact versions the suite passed with; setup.py keeps compatible ranges for
 # people who install the library into their own environment.
@@ -26,6 +27,9 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m lens_jax.demo --out demo_out
+
+demo-lora: $(VENV)/.installed
+	$(PY) -m lens_jax.demo lora --base demo_out --out demo_lora_out
 
 ablation: $(VENV)/.installed
 	$(PY) -m lens_jax.demo ablation --out ablation_out

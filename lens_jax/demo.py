@@ -597,7 +597,7 @@ def lora_table(reports: dict[str, dict[str, Any]], color: str) -> str:
             lines.append(f"{label:<14} {name:<22} {b['score']:>8.3f} ({b['passed']:>2}) "
                          f"{a['score']:>8.3f} ({a['passed']:>2})")
         n = reports[f"{prompts}_before"]["num_images"]
-        lines.append(f"{'':<14} {f'({n} one-object prompts, passed in brackets)':<52}")
+        lines.append(f"{'':<14} ({n} one-object prompts; prompts passed in brackets)")
     return "\n".join(lines)
 
 

@@ -19,10 +19,17 @@ TINY = ["--config.data.rows_per_host", "2", "--config.logging.every=1", "--confi
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
+    from lens_jax.data.synth_shapes import write_dataset
+
+    # the base: a 2-step run of configs/demo.py laid out as make demo leaves it (OUT/run,
+    # OUT/word_tokenizer.json), without make demo's sampling, scoring and export
     base = tmp_path_factory.mktemp("base")
-    assert demo.main(["--out", str(base), "--train-num", "24", "--heldout-num", "8", "--eval-num", "1",
-                      "--sample-steps", "1", "--heldout-batches", "1", "--grid", "1",
-                      "--config.num_steps=2"] + TINY) == 0
+    overrides = ["--config.num_steps=2"] + TINY
+    config = demo.load_config(demo.DEFAULT_CONFIG, overrides)
+    demo.resolve_word_tokenizer([config], base)
+    config.data.path = str(base / "data")
+    write_dataset(config.data.path, 16, 0, *demo.data_sizes(config))
+    demo.train_run(config, base / "run", demo.DEFAULT_CONFIG, overrides)
     out = tmp_path_factory.mktemp("lora")
     assert demo.main(["lora", "--base", str(base), "--out", str(out), "--concept", "lime",
                       "--train-num", "16", "--eval-num", "2", "--sample-steps", "2",
