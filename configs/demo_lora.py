@@ -1,7 +1,6 @@
-# LoRA on the newcomer demo's model: teach it a colour it never saw (make demo-lora runs it through
-# lens_jax/demo.py, after make demo):
+# LoRA on the demo's model, teaching it a colour it never saw (make demo-lora, after make demo):
 #   python -m lens_jax.demo lora --base demo_out --out demo_lora_out [--concept cyan]
-# or by hand, on records with the new colour (lens_jax.data.synth_shapes.write_dataset(new_color=...)):
+# or by hand, on the records and extended tokenizer that command writes into demo_lora_out/:
 #   lens-train --config configs/demo_lora.py --workdir demo_lora_out/run --config.init_from=run:demo_out/run \
 #       --config.data.path=demo_lora_out/data/train --config.data.tokenizer=json:demo_lora_out/word_tokenizer.json
 """LoRA training on the demo model (``configs/demo.py``): rank 8 adapters on the attention projections

@@ -110,3 +110,16 @@ def test_scorer_palette_adds_held_out_colours_only_when_named():
 def test_unknown_base_is_reported(tmp_path, capsys):
     assert demo.main(["lora", "--base", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no finished demo run" in capsys.readouterr().err
+
+
+def test_config_is_the_demo_model_with_adapters():
+    """configs/demo_lora.py adapts exactly the demo's model (init_from=run: checks the shapes) on
+    the demo's data settings, and names its commands."""
+    head = demo.LORA_CONFIG.read_text().splitlines()[:4]
+    assert head[0].startswith("#") and any("lens_jax.demo lora" in l for l in head)
+    assert any("lens-train" in l for l in head)
+    config, base = demo.load_config(demo.LORA_CONFIG), demo.load_config(demo.DEFAULT_CONFIG)
+    assert config.model.to_dict() == base.model.to_dict()
+    assert config.data.to_dict() == base.data.to_dict()
+    assert config.text_encoder.to_dict() == base.text_encoder.to_dict()
+    assert config.lora.rank > 0 and config.ema.decay == 0 and config.init_from == ""
