@@ -66,6 +66,7 @@ def test_scores_before_and_after(lora_run):
         report = json.loads(Path(summary["outputs"][f"scores_{key}"]).read_text())
         assert report["num_images"] == 2
         assert report["categories"]["single_object_colour"]["prompts"] == 2
+        assert report["config"]["extra_colors"] == ["lime"]  # old prompts: lime found too
         layouts = [r["layout"] for r in map(json.loads, sorted(
             p.read_text() for p in Path(summary["outputs"][f"samples_{key}"]).glob("*.json")))]
         colors = {o["color"] for layout in layouts for o in layout["objects"]}
@@ -83,8 +84,8 @@ def test_lora_file_and_table(lora_run, capsys):
     assert json.loads((lora_dir / "adapter_config.json").read_text())["r"] == 8
     table = summary["table"].splitlines()
     assert "before (base)" in table[0] and "after (+LoRA)" in table[0]
-    assert sum(line.startswith("new: lime") for line in table) == 4
-    assert sum(line.startswith("old colours") for line in table) == 4
+    assert sum(line.startswith("new: lime") for line in table) == 3
+    assert sum(line.startswith("old colours") for line in table) == 3
 
 
 def test_scorer_palette_adds_held_out_colours_only_when_named():
@@ -92,7 +93,8 @@ def test_scorer_palette_adds_held_out_colours_only_when_named():
     naming a held-out colour finds it."""
     from lens_jax.data.synth_shapes import (BACKGROUND_COLORS, HELD_OUT_COLORS, OBJECT_COLORS,
                                             render_layout, with_new_color)
-    from lens_jax.eval.layout import COLOR_NAMES, make_eval_set, palette, score_image
+    from lens_jax.eval.layout import (COLOR_NAMES, ScoreConfig, make_eval_set, palette,
+                                      score_image)
 
     layout = make_eval_set(1, seed=3, base_size=96, groups=(512,))[0].layout
     assert palette(layout) == COLOR_NAMES
@@ -101,8 +103,14 @@ def test_scorer_palette_adds_held_out_colours_only_when_named():
     image = render_layout(cyan)
     assert score_image(image, cyan)["categories"]["single_object_colour"] is True
     assert {d["color"] for d in score_image(image, cyan)["detections"]} == {"cyan"}
-    # the same cyan image against the original layout: cyan is no object colour there
+    # the same cyan image against the original layout: cyan is no object colour there, unless
+    # the config adds it (lens-eval layout --held-out-colors cyan)
     assert score_image(image, layout)["categories"]["object_present"] is False
+    found = score_image(image, layout, ScoreConfig(extra_colors=("cyan",)))
+    assert [d["color"] for d in found["detections"]] == ["cyan"]
+    assert found["categories"]["single_object_colour"] is False
+    with pytest.raises(ValueError, match="not held-out colours"):
+        palette(layout, ScoreConfig(extra_colors=("red",)))
     others = list(OBJECT_COLORS.values()) + list(BACKGROUND_COLORS.values())
     assert min(np.linalg.norm(np.subtract(c, o)) for c in HELD_OUT_COLORS.values() for o in others) > 95
 

@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="score only the first N images (sorted by file name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--held-out-colors", default="",
+                   help="comma-separated held-out colours (lens_jax.data.synth_shapes."
+                        "HELD_OUT_COLORS: cyan, lime) to segment every image with, besides the "
+                        "eight (a layout that names one always adds it): e.g. to catch a LoRA's "
+                        "new colour painted for prompts of the old ones")
 
     p = sub.add_parser("prompts", help="write held-out evaluation prompts (JSONL)",
                        description="Write held-out prompts of the synthetic shapes task, from a "
@@ -115,15 +120,18 @@ def _sidecar_prompt_kind(image_path: str) -> str:
 
 
 def run_layout(args: argparse.Namespace) -> int:
-    from lens_jax.eval.layout import format_table, load_folder, read_prompts_file, score_images
+    from lens_jax.eval.layout import (ScoreConfig, format_table, load_folder, read_prompts_file,
+                                      score_images)
 
+    config = ScoreConfig(extra_colors=tuple(c.strip() for c in args.held_out_colors.split(",")
+                                            if c.strip()))
     prompts = read_prompts_file(args.prompts) if args.prompts else None
     images, layouts, names = load_folder(args.folder, limit=args.limit, prompts=prompts)
     kinds: str | list[str] = args.prompt_kind
     if args.prompt_kind == "auto":
         kinds = [_sidecar_prompt_kind(os.path.join(args.folder, n)) for n in names]
-    report = score_images(images, layouts, names=names, show_progress=not args.no_progress,
-                          prompt_kind=kinds)
+    report = score_images(images, layouts, names=names, config=config,
+                          show_progress=not args.no_progress, prompt_kind=kinds)
     report["folder"] = os.path.abspath(args.folder)
     print(format_table(report))
     if args.out:

@@ -67,6 +67,9 @@ class ScoreConfig:
     opening_size: int = 3  # side of the square structuring element of the opening (1: none)
     min_area_fraction: float = 0.1  # min opened area, x (small object side)^2
     region_tolerance: float = 0.05  # slack around each third of the image, x image side
+    # held-out colours (synth_shapes.HELD_OUT_COLORS) in every layout's palette, not only in those
+    # that name them: finds a LoRA's new colour painted for a prompt of an old one
+    extra_colors: tuple[str, ...] = ()
 
 
 class Detection(NamedTuple):
@@ -166,11 +169,16 @@ def _background_distance(pixels: np.ndarray, background: dict[str, Any]) -> np.n
     return np.sqrt(np.einsum("hwc,hwc->hw", residual, residual))
 
 
-def palette(layout: dict[str, Any]) -> tuple[str, ...]:
+def palette(layout: dict[str, Any], config: ScoreConfig = ScoreConfig()) -> tuple[str, ...]:
     """The object colours an image of ``layout`` is segmented with: ``COLOR_NAMES``, then the
-    held-out colours (``synth_shapes.HELD_OUT_COLORS``) its objects name. Layouts of the generator
-    name none, so their scores do not depend on the held-out colours."""
-    extra = {o["color"] for o in layout["objects"]} & set(HELD_OUT_COLORS)
+    held-out colours (``synth_shapes.HELD_OUT_COLORS``) its objects name or
+    ``config.extra_colors`` lists. Layouts of the generator name none, so with the default config
+    their scores do not depend on the held-out colours."""
+    unknown = sorted(set(config.extra_colors) - set(HELD_OUT_COLORS))
+    if unknown:
+        raise ValueError(f"extra colours {unknown} are not held-out colours; known: "
+                         f"{sorted(HELD_OUT_COLORS)}")
+    extra = ({o["color"] for o in layout["objects"]} | set(config.extra_colors)) & set(HELD_OUT_COLORS)
     return COLOR_NAMES + tuple(c for c in HELD_OUT_COLORS if c in extra)
 
 
@@ -178,7 +186,7 @@ def color_labels(image: np.ndarray, layout: dict[str, Any],
                  config: ScoreConfig = ScoreConfig()) -> np.ndarray:
     """Per-pixel object colour index into ``palette(layout)`` [H, W], -1 for background / none."""
     pixels = _check_image(image).astype(np.float32)
-    colors = palette(layout)
+    colors = palette(layout, config)
     rgb = _COLOR_RGB if len(colors) == len(COLOR_NAMES) else np.asarray(
         [OBJECT_COLORS.get(c) or HELD_OUT_COLORS[c] for c in colors], np.float32)  # [K, 3]
     # Squared distances to the K colours, |p|^2 - 2 p.c + |c|^2 (exact in float32 for 0..255).
@@ -316,7 +324,7 @@ def detect_objects(image: np.ndarray, layout: dict[str, Any],
     from scipy import ndimage
 
     labels = color_labels(image, layout, config)
-    colors = palette(layout)
+    colors = palette(layout, config)
     height, width = labels.shape
     small_side = SIZE_FRACTIONS["small"] * min(width, height)
     min_area = max(4.0, config.min_area_fraction * small_side ** 2)
