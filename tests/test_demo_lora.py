@@ -44,9 +44,12 @@ def test_records_and_tokenizer_carry_the_new_colour(lora_run):
 
     base, out, summary = lora_run
     examples = list(read_examples(summary["outputs"]["train_records"]))
-    assert len(examples) == 16 and all("lime" in ex.short_caption.split() for ex in examples)
-    assert all(any(o["color"] == "lime" for o in json.loads(ex.metadata)["layout"]["objects"])
-               for ex in examples)
+    # about 2/3 of the records (synth_shapes.NEW_COLOR_RECORD_SHARE) name the new colour, in their
+    # caption exactly when their layout holds it; the others keep the old colours
+    named = ["lime" in ex.short_caption.split() for ex in examples]
+    held = [any(o["color"] == "lime" for o in json.loads(ex.metadata)["layout"]["objects"])
+            for ex in examples]
+    assert len(examples) == 16 and named == held and 6 <= sum(named) <= 15
     assert summary["new_words"] == ["lime"]
     old = Tokenizer.from_file(str(base / "word_tokenizer.json"))
     new = Tokenizer.from_file(summary["outputs"]["word_tokenizer"])

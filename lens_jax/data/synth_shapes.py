@@ -57,6 +57,9 @@ HELD_OUT_COLORS: dict[str, tuple[int, int, int]] = {
     "cyan": (0, 200, 210),
     "lime": (150, 230, 20),
 }
+# Share of the records of ``generate_example(new_color=...)`` that get the new colour; the others
+# are plain records, which keep the old colours in the data (a LoRA on them forgets less).
+NEW_COLOR_RECORD_SHARE = 2 / 3
 BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
@@ -441,12 +444,13 @@ def generate_example(seed: int, index: int, sizes: Sequence[tuple[int, int]],
                      new_color: str | None = None) -> Example:
     """Example ``index`` of the dataset with ``seed`` (a pure function of its arguments).
 
-    ``new_color``: a held-out colour (``HELD_OUT_COLORS``) given to some objects of every layout
-    (``with_new_color``); None (the default) draws the plain dataset."""
+    ``new_color``: a held-out colour (``HELD_OUT_COLORS``) given to some objects
+    (``with_new_color``) of a ``NEW_COLOR_RECORD_SHARE`` of the layouts; None (the default) draws
+    the plain dataset."""
     rng = np.random.default_rng([seed, index])
     width, height = sizes[int(rng.integers(len(sizes)))]
     layout = sample_layout(rng, width, height)
-    if new_color is not None:
+    if new_color is not None and rng.random() < NEW_COLOR_RECORD_SHARE:
         layout = with_new_color(layout, rng, new_color)
     image = render_layout(layout, width, height)
     metadata = {"generator": SOURCE_TAG, "seed": seed, "index": index, "layout": layout}
