@@ -618,6 +618,15 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
     if args.concept not in HELD_OUT_COLORS:
         raise ValueError(f"--concept {args.concept}: not a held-out colour; known: {sorted(HELD_OUT_COLORS)}")
     out.mkdir(parents=True, exist_ok=True)
+    # A finished LoRA run in --out is reused (not retrained): only for the same base and data.
+    settings = {"base": str(base_run), "concept": args.concept, "train_num": args.train_num}
+    settings_file = out / "lora_settings.json"
+    if (out / "run" / "config.json").is_file() and settings_file.is_file():
+        before = json.loads(settings_file.read_text())
+        if before != settings:
+            raise ValueError(f"--out {out} holds a LoRA run of {before}, not {settings}: "
+                             "choose another --out")
+    settings_file.write_text(json.dumps(settings))
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     base_config = run_config(base_run)

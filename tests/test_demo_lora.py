@@ -134,3 +134,11 @@ def test_config_is_the_demo_model_with_adapters():
     assert config.data.to_dict() == base.data.to_dict()
     assert config.text_encoder.to_dict() == base.text_encoder.to_dict()
     assert config.lora.rank > 0 and config.ema.decay == 0 and config.init_from == ""
+
+
+def test_other_concept_in_the_same_out_is_refused(lora_run, capsys):
+    """A finished LoRA run is reused by a rerun, so a rerun with another concept must not be."""
+    base, out, _ = lora_run
+    assert demo.main(["lora", "--base", str(base), "--out", str(out), "--concept", "cyan",
+                      "--train-num", "16"]) == 2
+    assert "choose another --out" in capsys.readouterr().err
