@@ -87,7 +87,9 @@ def markdown(path: str) -> str:
         if line.strip():
             r = json.loads(line)
             last[(r["name"], r["topology"], r["slices"], r.get("remat"))] = r
-    rows = list(last.values())
+    compiled = {k[:3] for k, r in last.items() if r.get("programs")}
+    # A failed run (killed, a compiler error since fixed) of a row that compiled later is dropped.
+    rows = [r for k, r in last.items() if r.get("programs") or k[:3] not in compiled]
     out = ["| config | slice | mesh | remat | args | out | temp | total / HBM | fits | XLA TFLOP "
            "| analytic TFLOP | GPT-OSS GiB | compile s | when |", "|" + "---|" * 14]
     best: dict[tuple, dict] = {}
@@ -110,7 +112,8 @@ def markdown(path: str) -> str:
             f"{'-' if step['xla_TFLOP'] != step['xla_TFLOP'] else format(step['xla_TFLOP'], '.1f')} | "
             f"{step['analytic_TFLOP']:.1f} | {r.get('text_encoder_GiB_per_chip', 0):.2f} | "
             f"{step['compile_s']:.0f} | {r['when']} |")
-        if fits and (key not in best or REMAT_ORDER.index(remat) < REMAT_ORDER.index(best[key]["remat"])):
+        rank = lambda policy: REMAT_ORDER.index(policy) if policy in REMAT_ORDER else len(REMAT_ORDER)
+        if fits and (key not in best or rank(remat) < rank(best[key]["remat"])):
             best[key] = dict(r, remat=remat)
         best.setdefault(key, dict(r, remat=None))
     out += ["", "| config | slice | least recomputation that fits | VAE program (one host) | command |",
