@@ -222,7 +222,8 @@ class Sampler:
         ``untrained=False``: no "untrained" model (a LoRA run's init is its base)."""
         import jax
 
-        from lens_jax.train.export import restore_weights, run_config
+        from lens_jax.train.export import restore_weights
+        from lens_jax.train.run_files import run_config
         from lens_jax.train.trainer import Trainer
 
         config = run_config(workdir)

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
-    from lens_jax.train.export import restore_weights, run_config
+    from lens_jax.train.export import restore_weights
+    from lens_jax.train.run_files import run_config
     from lens_jax.train.trainer import Trainer
 
     config = run_config(args.workdir)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from lens_jax import storage
-from lens_jax.train.run_files import restore_items, run_config  # noqa: F401 - re-exported
+from lens_jax.train.run_files import restore_items, run_config
 
 
 def build_parser() -> argparse.ArgumentParser:
