@@ -315,6 +315,31 @@ def test_grain_worker_modules_do_not_import_jax(package):
     assert not offenders, f"grain worker modules pull in jax: {offenders}"
 
 
+def tfds_importers(package: Package, roots: Iterable[str]) -> dict[str, list[int]]:
+    """Modules loaded with ``roots`` that import ``tensorflow_datasets`` anywhere (function bodies
+    too): ``{module: [line, ...]}``."""
+    found: dict[str, list[int]] = {}
+    for m in sorted(imported_on_load(package, roots)):
+        for node in ast.walk(package.trees[m]):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "tensorflow_datasets" or n.startswith("tensorflow_datasets.") for n in names):
+                found.setdefault(m, []).append(node.lineno)
+    return found
+
+
+def test_grain_worker_modules_do_not_import_tensorflow_datasets(package):
+    """Record decoding in the workers never imports tensorflow-datasets: imported from two
+    prefetch threads of one worker at once it deadlocked in its lazy imports (benchmarks/data.py
+    --workers 4 hung on 2026-12-02); ``lens_jax.data.example_proto`` defines the message instead."""
+    offenders = tfds_importers(package, GRAIN_WORKER_MODULES)
+    # opened by sources.open_source for a "tfds:" spec, in the main process before workers start
+    offenders.pop("lens_jax.data.tfds_builder")
+    assert not offenders, f"grain worker modules import tensorflow_datasets: {offenders}"
+    # the finder works: the TFDS builder module imports it
+    assert tfds_importers(package, ["lens_jax.data.tfds_builder"])
+
+
 def test_exceptions_are_defined_in_errors(package):
     """Every public exception class lives in ``lens_jax/errors.py`` (private control-flow ones,
     ``_Name``, may stay where they are raised and caught)."""

@@ -367,13 +367,13 @@ def iter_tfds(spec: str, image_column: str = "image", caption_column: str = "cap
 def _iter_tf_examples(source, spec: str, name: str, image_column: str, caption_column: str,
                       short_column: str | None, id_column: str | None) -> Iterator[Item | Skip]:
     from google.protobuf.message import DecodeError
-    from tensorflow_datasets.proto import tf_example_pb2
+    from lens_jax.data.example_proto import Example
 
     checked = False
     for index in range(len(source)):
         item_id = f"{name}:{index}"
         try:
-            features = tf_example_pb2.Example.FromString(source[index]).features.feature
+            features = Example.FromString(source[index]).features.feature
         except DecodeError as e:
             yield Skip(item_id, BAD_TFDS_RECORD, f"not a tf.train.Example ({e})")
             continue

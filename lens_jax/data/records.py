@@ -1,8 +1,8 @@
 """The lens record format: the one module that reads and writes training records.
 
 A dataset is a folder of ArrayRecord shards (``data.array_record-00000-of-00004``, ...). Every
-record is one serialized ``tf.train.Example`` protocol buffer (the message class shipped inside
-tensorflow-datasets, so TensorFlow is never needed) with these features (schema version 1):
+record is one serialized ``tf.train.Example`` protocol buffer (the message class of
+``lens_jax.data.example_proto``, built from the schema with protobuf alone: no TensorFlow) with these features (schema version 1):
 
 ==================  ==========  ===========================================================
 key                 kind        meaning
@@ -76,10 +76,11 @@ class Example:
 
 
 def _example_pb2():
-    # The tf.train.Example message shipped in tensorflow-datasets (pure protobuf, no TF).
-    from tensorflow_datasets.proto import tf_example_pb2
+    # The tf.train.Example message, built from its schema with protobuf alone (no TensorFlow, no
+    # tensorflow-datasets import in the grain workers: lens_jax.data.example_proto says why).
+    from lens_jax.data import example_proto
 
-    return tf_example_pb2
+    return example_proto
 
 
 def image_format(data: bytes) -> str:

@@ -490,7 +490,9 @@ def score_images(images: Sequence[np.ndarray], layouts: Sequence[dict[str, Any]]
     """The report of a set of generated images against their prompts' layouts.
 
     ``{"version", "num_images", "categories": {name: {"score", "passed", "prompts",
-    "description"}}, "overall" (mean of the applicable categories' scores), "config",
+    "description"}}, "overall" (mean of the applicable categories' scores), "by_object_count":
+    {"1": {name: {"score", "passed", "prompts"}}, "2": ...} (the same tally over the prompts of
+    each object count), "config",
     "per_image": [{"name", "prompt_kind", "categories", "detections"}]}``. A category with no
     applicable prompt has score None. ``prompt_kind``: "dense" (default) or "short" for every
     image, or one per image (see ``score_image``).
@@ -516,17 +518,30 @@ def score_images(images: Sequence[np.ndarray], layouts: Sequence[dict[str, Any]]
             raise ValueError(f"{names[i] if names is not None else f'image {i}'}: {e}") from None
         per_image.append({"name": names[i] if names is not None else str(i),
                           "prompt_kind": kinds[i], **result})
-    categories = {}
+    categories = _tally(per_image, with_descriptions=True)
+    scores = [c["score"] for c in categories.values() if c["score"] is not None]
+    counts = [len(layout["objects"]) for layout in layouts]
+    by_object_count = {str(n): _tally([r for r, c in zip(per_image, counts) if c == n])
+                       for n in sorted(set(counts))}
+    return {"version": REPORT_VERSION, "num_images": len(images), "categories": categories,
+            "overall": float(np.mean(scores)) if scores else None,
+            "by_object_count": by_object_count,
+            "config": dataclasses.asdict(config), "per_image": per_image}
+
+
+def _tally(per_image: Sequence[dict[str, Any]], with_descriptions: bool = False
+           ) -> dict[str, dict[str, Any]]:
+    """``{category: {"score", "passed", "prompts"[, "description"]}}`` over ``per_image`` rows
+    (a category's score is None where it applies to none of them)."""
+    out = {}
     for name, description in CATEGORIES.items():
         outcomes = [r["categories"][name] for r in per_image if r["categories"][name] is not None]
         passed = int(sum(outcomes))
-        categories[name] = {"score": passed / len(outcomes) if outcomes else None,
-                            "passed": passed, "prompts": len(outcomes),
-                            "description": description}
-    scores = [c["score"] for c in categories.values() if c["score"] is not None]
-    return {"version": REPORT_VERSION, "num_images": len(images), "categories": categories,
-            "overall": float(np.mean(scores)) if scores else None,
-            "config": dataclasses.asdict(config), "per_image": per_image}
+        out[name] = {"score": passed / len(outcomes) if outcomes else None, "passed": passed,
+                     "prompts": len(outcomes)}
+        if with_descriptions:
+            out[name]["description"] = description
+    return out
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -539,6 +554,19 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("-" * 46)
     overall = "n/a" if report["overall"] is None else f"{report['overall']:6.3f}"
     lines.append(f"{'overall':<22} {overall}   ({report['num_images']} images)")
+    by_count = report.get("by_object_count") or {}
+    if by_count:
+        counts = list(by_count)
+        lines += ["", "by number of objects in the prompt (score, passed / prompts):",
+                  f"{'category':<22} " + " ".join(f"{n + (' object' if n == '1' else ' objects'):>15}"
+                                                  for n in counts)]
+        for name in report["categories"]:
+            cells = []
+            for n in counts:
+                row = by_count[n][name]
+                cells.append(f"{'n/a':>15}" if row["score"] is None else
+                             f"{row['score']:.2f} {row['passed']:>4}/{row['prompts']:<4}".rjust(15))
+            lines.append(f"{name:<22} " + " ".join(cells))
     return "\n".join(lines)
 
 

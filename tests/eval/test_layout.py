@@ -73,6 +73,13 @@ def test_ground_truth_renders_score_one(prompts, layouts):
     table = format_table(report)
     for name in CATEGORIES:
         assert name in table
+    # The per-object-count tally partitions the prompts: its counts add up to the totals.
+    by_count = report["by_object_count"]
+    assert set(by_count) == {"1", "2", "3", "4"} and "2 objects" in table
+    for name, row in report["categories"].items():
+        assert sum(by_count[n][name]["prompts"] for n in by_count) == row["prompts"]
+        assert sum(by_count[n][name]["passed"] for n in by_count) == row["passed"]
+    assert by_count["1"]["position"]["score"] is None and by_count["2"]["position"]["prompts"] == NUM // 4
 
 
 def test_scaled_and_slightly_blurred_renders_still_pass(prompts, layouts):
