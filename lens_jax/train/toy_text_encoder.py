@@ -4,7 +4,7 @@ Lens feeds its denoiser the hidden states of layers 5/11/17/23 of GPT-OSS-20B (s
 every 6th of its 24 decoder layers, from the 6th. The demo's stand-in (``text_encoder.kind=
 "embedding"``) is a frozen random table, which knows nothing of language. This module trains a
 GPT-OSS of the same architecture (``lens_jax.models.text_encoder``: attention with sinks,
-sliding/full layers alternating, top-k MoE with clamped SwiGLU, YaRN-free RoPE) on next-token
+sliding/full layers alternating, top-k MoE with clamped SwiGLU; plain RoPE) on next-token
 prediction over the captions themselves, and writes it as a transformers GPT-OSS folder
 (``config.json`` + ``model.safetensors`` with dense float32 experts, ``model.norm.weight`` and
 ``lm_head.weight``) that ``lens_jax.checkpoints.text_encoder.load_text_encoder`` reads, so the
@@ -40,6 +40,9 @@ import numpy as np
 from lens_jax.models.text_encoder import GptOssConfig, LAYER_FULL, LAYER_SLIDING, RopeParams
 
 SUMMARY = "toy_lm.json"
+# Parameters under AdamW's weight decay: the matrices (no norms, biases, sinks).
+DECAYED = frozenset({"embed", "lm_head", "q_kernel", "k_kernel", "v_kernel", "o_kernel",
+                     "router_kernel", "gate_up", "down"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +214,10 @@ def optimizer(settings: ToyLMSettings):
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, settings.lr, settings.warmup_steps, max(settings.steps, settings.warmup_steps + 1),
         end_value=settings.lr / 10)
-    decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 3 or (x.ndim == 2 and x.shape[0] > 64), p)
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: str(getattr(path[-1], "key", "")) in DECAYED, params)
+
     return optax.chain(optax.clip_by_global_norm(1.0),
                        optax.adamw(schedule, weight_decay=settings.weight_decay, mask=decay_mask))
 

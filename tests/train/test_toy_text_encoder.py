@@ -223,3 +223,22 @@ def test_demo_resolves_toy_placeholder(tmp_path, monkeypatch):
     bad.model.selected_layer_index = (5, 11, 17, 23)
     with pytest.raises(ValueError, match="selected_layer_index"):
         demo.resolve_toy_text_encoder([bad], tmp_path, tmp_path / "train")
+
+
+def test_compile_describes_the_toy_encoder(trained, shapes_path):
+    """``lens-train compile`` (``text_encoder_spec``) reads a toy folder's own config (dense
+    experts, ``text_encoder.dtype``) instead of assuming GPT-OSS-20B; a mismatch is refused."""
+    from lens_jax.checkpoints.text_encoder import read_config
+    from lens_jax.train.compile import text_encoder_spec
+    from tests.train.helpers import tiny_config
+
+    folder, _ = trained
+    config = tiny_config(shapes_path)
+    config.model.selected_layer_index = (0, 1)
+    config.text_encoder.update(kind="gpt_oss", path=str(folder), dtype="float32")
+    spec = text_encoder_spec(config, "cpu")
+    assert (spec.config, spec.selected, spec.mxfp4, spec.dtype) == (read_config(folder), (0, 1),
+                                                                   False, "float32")
+    config.model.selected_layer_index = (1, 3)
+    with pytest.raises(ValueError, match="selected_layer_index"):
+        text_encoder_spec(config, "cpu")
