@@ -143,6 +143,8 @@ def train_run(config, workdir: Path, config_path: Path, overrides: Sequence[str]
         driver_set.append(f"init_from={config.init_from}")
     if str(config.data.tokenizer).startswith("json:"):
         driver_set.append(f"data.tokenizer={config.data.tokenizer}")
+    if config.text_encoder.kind == "gpt_oss":  # the resolved "toy" (resolve_toy_text_encoder)
+        driver_set.append(f"text_encoder.path={config.text_encoder.path}")
     _command(["lens-train", "--config", str(config_path), "--workdir", str(workdir)]
              + list(overrides) + [f"--config.{o}" for o in driver_set])
     _say(f"model: {config.model.num_layers} blocks, width "
@@ -197,6 +199,29 @@ def resolve_word_tokenizer(configs: Sequence[Any], out: Path) -> Path | None:
     for c in wanted:
         c.data.tokenizer = f"json:{path}"
     return path
+
+
+def resolve_toy_text_encoder(configs: Sequence[Any], out: Path, train_dir: Path) -> Path | None:
+    """``text_encoder.path = "toy"`` (with ``kind="gpt_oss"``, configs/demo_toy_lm.py) -> the
+    folder ``OUT/text_encoder`` of a tiny GPT-OSS LM trained on the dense and short captions of
+    the records in ``train_dir`` (``lens_jax.train.toy_text_encoder.train_or_reuse``: reused when
+    the corpus and settings are unchanged); checks each config's ``model.selected_layer_index``
+    and ``enc_hidden_dim`` against it. Returns the folder (None when no config asks for it)."""
+    from lens_jax.data.records import read_examples
+    from lens_jax.train import toy_text_encoder
+
+    wanted = [c for c in configs if c.text_encoder.kind == "gpt_oss" and c.text_encoder.path == "toy"]
+    if not wanted:
+        return None
+    spec = str(wanted[0].data.tokenizer)
+    if any(str(c.data.tokenizer) != spec for c in wanted):
+        raise ValueError("text_encoder.path='toy': the configs use different data.tokenizer values")
+    texts = [t for ex in read_examples(train_dir) for t in (ex.caption, ex.short_caption) if t]
+    folder = toy_text_encoder.train_or_reuse(texts, spec, out / "text_encoder", log=_say)
+    for c in wanted:
+        toy_text_encoder.check_matches(folder, c.model.selected_layer_index, c.model.enc_hidden_dim)
+        c.text_encoder.path = str(folder)
+    return folder
 
 
 def heldout_loss(workdir: Path, data: Path, batches: int) -> dict[str, float]:
@@ -403,6 +428,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     heldout_dir = make_records(out / "data" / "heldout", args.heldout_num, 1, base_size, groups)
     prompts = make_prompts(out / "eval_prompts.jsonl", args.eval_num, base_size, groups)
     timings["data"] = time.perf_counter() - t
+    t = time.perf_counter()
+    toy_lm = resolve_toy_text_encoder([config], out, train_dir)
+    if toy_lm:
+        timings["text_encoder"] = time.perf_counter() - t
 
     _stage("2/7 train on the CPU")
     t = time.perf_counter()
@@ -463,7 +492,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "outputs": {
             "train_records": str(train_dir), "heldout_records": str(heldout_dir),
             "eval_prompts": str(out / "eval_prompts.jsonl"),
-            **({"word_tokenizer": str(words)} if words else {}), "workdir": str(workdir),
+            **({"word_tokenizer": str(words)} if words else {}),
+            **({"toy_text_encoder": str(toy_lm)} if toy_lm else {}), "workdir": str(workdir),
             "metrics": str(workdir / "metrics.jsonl"), "tensorboard": str(workdir / "tensorboard"),
             "training_sample_grids": str(workdir / "samples"), "grid": str(grid),
             "samples_trained": str(folders["trained"]), "samples_untrained": str(folders["untrained"]),

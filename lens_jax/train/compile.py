@@ -26,6 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -280,9 +281,12 @@ class AbstractTextEncoder:
 
 
 def text_encoder_spec(config: ml_collections.ConfigDict, backend: str) -> AbstractTextEncoder:
-    """GPT-OSS-20B as the Lens checkpoint loads it (bf16, MXFP4 experts), or the tiny random
-    encoder of ``text_encoder.path="random"`` (the trainer's test encoder)."""
+    """GPT-OSS-20B as the Lens checkpoint loads it (bf16, MXFP4 experts), the tiny random
+    encoder of ``text_encoder.path="random"`` (the trainer's test encoder), or a toy GPT-OSS folder
+    (``lens_jax.train.toy_text_encoder``: its own ``config.json``, dense experts, ``text_encoder.dtype``)."""
+    from lens_jax.checkpoints.text_encoder import read_config
     from lens_jax.models.text_encoder import GptOssConfig, resolve_moe_impl
+    from lens_jax.train import toy_text_encoder
 
     m = config.model
     selected = tuple(int(i) for i in m.selected_layer_index)
@@ -294,6 +298,11 @@ def text_encoder_spec(config: ml_collections.ConfigDict, backend: str) -> Abstra
                            intermediate_size=int(m.enc_hidden_dim), num_local_experts=4,
                            num_experts_per_tok=2, sliding_window=8)
         return AbstractTextEncoder(cfg, selected, moe, False, "float32")
+    path = str(config.text_encoder.path)
+    if path and toy_text_encoder.read_summary(path) is not None:
+        toy_text_encoder.check_matches(path, selected, int(m.enc_hidden_dim))
+        return AbstractTextEncoder(read_config(Path(path)), selected, moe, False,
+                                   str(getattr(config.text_encoder, "dtype", "bfloat16")))
     cfg = GptOssConfig()  # gpt-oss-20b (spec 4.1)
     if cfg.hidden_size != int(m.enc_hidden_dim):
         raise ValueError(f"config.model.enc_hidden_dim={m.enc_hidden_dim} but GPT-OSS-20B has "

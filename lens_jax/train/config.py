@@ -87,7 +87,10 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.text_encoder = ml_collections.ConfigDict()
     c.text_encoder.kind = "embedding" # "embedding": frozen random table per selected layer (stand-in)
     #                                   | "gpt_oss": GPT-OSS features (path / "random")
-    c.text_encoder.path = ""
+    c.text_encoder.path = ""          # gpt_oss: a GPT-OSS folder (config.json + safetensors; a toy
+    #                                   one: lens_jax.train.toy_text_encoder), or "random"
+    c.text_encoder.dtype = "bfloat16" # gpt_oss folder: parameter/compute dtype of the loaded encoder
+    #                                   (GPT-OSS-20B: bfloat16; a toy one on the CPU: "float32")
     c.text_encoder.vocab_size = 256   # embedding: table rows (token ids must be below this)
     c.text_encoder.seed = 1234        # embedding / random encoders: init seed
     c.text_encoder.std = 1.0

@@ -61,7 +61,7 @@ def frozen_shardings(config: ml_collections.ConfigDict, frozen: dict, mesh, rule
 
 
 @functools.lru_cache(maxsize=4)
-def _load_text_encoder(path: str, layers: tuple, hidden: int, seed: int):
+def _load_text_encoder(path: str, layers: tuple, hidden: int, seed: int, dtype: str = "bfloat16"):
     from lens_jax.models.text_encoder import GptOssConfig, TextEncoder
 
     if path == "random":  # tiny random GPT-OSS (tests / demos)
@@ -73,8 +73,15 @@ def _load_text_encoder(path: str, layers: tuple, hidden: int, seed: int):
                                              for i in range(n)))
         return TextEncoder.random(cfg, layers=layers, seed=seed)
     from lens_jax.checkpoints.text_encoder import load_text_encoder
+    from lens_jax.train import toy_text_encoder
 
-    return load_text_encoder(path, layers=layers)
+    if toy_text_encoder.read_summary(path) is not None:
+        toy_text_encoder.check_matches(path, layers, hidden)
+    encoder = load_text_encoder(path, layers=layers, dtype=jnp.dtype(dtype))
+    if encoder.config.hidden_size != hidden:
+        raise ValueError(f"config.model.enc_hidden_dim={hidden} but the text encoder {path} has "
+                         f"hidden size {encoder.config.hidden_size}")
+    return encoder
 
 
 def text_encoder(config: ml_collections.ConfigDict):
@@ -83,7 +90,8 @@ def text_encoder(config: ml_collections.ConfigDict):
     if not te.path:
         raise ValueError("config.text_encoder.kind='gpt_oss' needs config.text_encoder.path "
                          "(a GPT-OSS folder, or 'random')")
-    return _load_text_encoder(te.path, tuple(m.selected_layer_index), int(m.enc_hidden_dim), int(te.seed))
+    return _load_text_encoder(te.path, tuple(m.selected_layer_index), int(m.enc_hidden_dim), int(te.seed),
+                              str(te.get("dtype", "bfloat16")))
 
 
 def encode_inputs(config: ml_collections.ConfigDict, frozen: dict, batch: dict, preamble: int
