@@ -61,6 +61,23 @@ def test_outputs_exist(demo_run):
     losses = json.loads(o["heldout_loss"].read_text())
     assert set(losses) == {"0", "3"}
     assert set(summary["timings_s"]) >= {"data", "train", "heldout_loss", "sample", "score", "export", "total"}
+    by_count = summary["scores_by_object_count"]["trained"]
+    assert set(by_count) <= {"1", "2", "3", "4"} and by_count
+    assert all(set(cats) == set(CATEGORIES) for cats in by_count.values())
+
+
+def test_by_object_count_table_reads_the_reports():
+    cell = lambda score: {"score": score, "passed": 0, "prompts": 0}
+    reports = {"trained": {"by_object_count": {"1": {"single_object_colour": cell(0.9), "shape": cell(0.5)},
+                                               "2": {"count": cell(0.25), "position": cell(None)}}},
+               "untrained": {"by_object_count": {}}}
+    table = demo.by_object_count_table(reports, rows=(("1", "single_object_colour"), ("1", "shape"),
+                                                      ("2", "count"), ("2", "position")))
+    lines = table.splitlines()
+    assert lines[0].split() == ["objects:", "category", "trained", "untrained"]
+    assert lines[1].split() == ["1:", "single_object_colour", "0.900", "n/a"]
+    assert lines[3].split() == ["2:", "count", "0.250", "n/a"]
+    assert lines[4].split() == ["2:", "position", "n/a", "n/a"]
 
 
 def test_export_loads_back(demo_run):
