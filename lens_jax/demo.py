@@ -540,7 +540,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _say(f"  held-out loss: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
     _say(f"  tensorboard --logdir {workdir / 'tensorboard'}   (if TensorBoard is installed)")
     _say("")
-    _say(compare_table(reports))
+    _say(table)  # stage 5's, repeated so that the run ends with it
     _say(by_object_count_table(reports))
     _say(f"grid (ground truth / trained / untrained, first {args.grid} prompts): {grid}")
     _say(SCORES_MEAN)

@@ -37,6 +37,9 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from lens_jax import output_guard, storage
+# tf.train.Example built from its schema with protobuf alone (no TensorFlow, and no
+# tensorflow-datasets import in the grain workers: example_proto says why)
+from lens_jax.data import example_proto
 from lens_jax.errors import RecordError
 
 log = logging.getLogger(__name__)
@@ -75,14 +78,6 @@ class Example:
         return json.loads(self.metadata) if self.metadata else {}
 
 
-def _example_pb2():
-    # The tf.train.Example message, built from its schema with protobuf alone (no TensorFlow, no
-    # tensorflow-datasets import in the grain workers: lens_jax.data.example_proto says why).
-    from lens_jax.data import example_proto
-
-    return example_proto
-
-
 def image_format(data: bytes) -> str:
     """The container format of encoded image bytes from their magic number: ``jpeg``, ``png``,
     ``webp``, ``gif``, ``bmp``, ``tiff`` or ``unknown``."""
@@ -105,8 +100,7 @@ def encode_example(ex: Example) -> bytes:
     """Serializes ``ex`` into one record (deterministic bytes for equal examples)."""
     if not isinstance(ex.image_bytes, (bytes, bytearray, memoryview)) or len(ex.image_bytes) == 0:
         raise RecordError(f"example {ex.id!r}: image_bytes must be non-empty bytes")
-    pb2 = _example_pb2()
-    proto = pb2.Example()
+    proto = example_proto.Example()
     feature = proto.features.feature
     feature["schema_version"].int64_list.value.append(SCHEMA_VERSION)
     feature["image"].bytes_list.value.append(bytes(ex.image_bytes))
@@ -151,9 +145,8 @@ def decode_example(raw: bytes) -> Example:
     """
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise RecordError(f"malformed lens record: expected bytes, got {type(raw).__name__}")
-    pb2 = _example_pb2()
     try:
-        proto = pb2.Example.FromString(bytes(raw))
+        proto = example_proto.Example.FromString(bytes(raw))
     except DecodeError as e:
         raise RecordError(f"malformed lens record ({len(raw)} bytes): not a serialized "
                           f"tf.train.Example ({e})") from e
