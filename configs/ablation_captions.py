@@ -1,6 +1,6 @@
 # Dense vs short captions at toy scale (the paper's central claim), one command:
 #   python -m lens_jax.demo ablation --out ablation_out          (or: make ablation)
-# One arm by hand (ARM = dense | short):
+# One arm by hand (ARM = dense | short | dense_toy_lm | short_toy_lm):
 #   lens-train --config configs/ablation_captions.py:dense --workdir runs/dense --config.data.path=DIR \
 #       --config.data.tokenizer=json:ablation_out/word_tokenizer.json   (written by the command above)
 """The demo model (configs/demo.py) trained on one caption type only.
@@ -10,20 +10,29 @@ and position, relations between objects, the background); ``get_config("short")`
 short one ("a red circle and two blue squares"). Everything else (model, steps, data, seeds) is the
 same, so the two runs differ only in their captions. The pipeline picks the caption per example with
 ``data.short_caption_prob`` (lens_jax/data/pipeline.py ``default_data_config``).
+
+``get_config("dense_toy_lm")`` / ``get_config("short_toy_lm")``: the same two with the frozen text
+encoder a toy language model trained on the captions (configs/demo_toy_lm.py, resolved by
+lens_jax/demo.py) instead of the random word table: Lens's claim rests on an encoder that reads
+language, which a random table does not.
 """
 
 import ml_collections
 
 from lens_jax.configs import demo
+from lens_jax.train.toy_text_encoder import ToyLMSettings
 
-ARMS = {"dense": 0.0, "short": 1.0}
+# arm -> (data.short_caption_prob, toy language model as the text encoder)
+ARMS = {"dense": (0.0, False), "short": (1.0, False), "dense_toy_lm": (0.0, True),
+        "short_toy_lm": (1.0, True)}
 
 
 def get_config(arm: str = "dense") -> ml_collections.ConfigDict:
     if arm not in ARMS:
         raise ValueError(f"configs/ablation_captions.py:{arm}: expected one of {sorted(ARMS)}")
     config = demo.get_config()
-    config.data.short_caption_prob = ARMS[arm]
+    short_caption_prob, toy_lm = ARMS[arm]
+    config.data.short_caption_prob = short_caption_prob
     # The 2-block, width-64 model of configs/tiny.py, 3000 steps: a dense arm's step carries 512 text
     # tokens, ~3x the demo's compute per step, so the demo's 4x96 model would need ~30 minutes per
     # arm on 2 cores; this one ~10.
@@ -36,4 +45,11 @@ def get_config(arm: str = "dense") -> ml_collections.ConfigDict:
     config.data.text_tokens = 512     # ~4 dense captions per packed row (both arms: same compute)
     config.text_encoder.vocab_size = 256
     config.samples.every = 0
+    if toy_lm:  # as configs/demo_toy_lm.py
+        toy = ToyLMSettings()
+        config.text_encoder.kind = "gpt_oss"
+        config.text_encoder.path = "toy"      # resolved by lens_jax.demo; by hand: the folder
+        config.text_encoder.dtype = "float32"
+        config.model.enc_hidden_dim = toy.hidden_size
+        config.model.selected_layer_index = toy.selected_layers
     return config

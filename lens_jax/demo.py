@@ -1,7 +1,7 @@
 """The newcomer demo (``make demo``): train a small Lens on a CPU and watch it learn to follow prompts.
 
   python -m lens_jax.demo --out demo_out                       # the whole demo (make demo)
-  python -m lens_jax.demo ablation --out ablation_out          # dense vs short captions
+  python -m lens_jax.demo ablation --out ablation_out          # dense vs short captions (x2 encoders)
   python -m lens_jax.demo lora --base demo_out --out demo_lora_out   # a new colour with LoRA
 
 ``run`` (the default) does, one stage after another, with the project's own tools:
@@ -19,9 +19,10 @@
    ``lens_jax.load_transformer`` and check that its output equals the trained model's;
 7. print where every output is; ``summary.json`` keeps the figures (stage times, scores).
 
-``ablation`` trains the model of ``configs/ablation_captions.py`` twice, on the dense and on the
-short captions, samples each on the same held-out layouts (each prompted in the caption style it
-was trained on) and compares their ``lens-eval layout`` scores.
+``ablation`` trains the model of ``configs/ablation_captions.py`` four times (``--arms``): on the
+dense and on the short captions, with the random word table and with the toy language model as the
+text encoder; samples each on the same held-out layouts (each prompted in the caption style it was
+trained on) and compares their ``lens-eval layout`` scores.
 
 ``lora`` teaches the model of a finished ``run`` (``--base``) a colour it never saw
 (``--concept``, one of ``synth_shapes.HELD_OUT_COLORS``) with a LoRA (``configs/demo_lora.py``):
@@ -553,10 +554,15 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     _setup_logging()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    arms = ("dense", "short")
+    arms = tuple(args.arms)
     timings: dict[str, float] = {}
+    if not arms:
+        raise ValueError("--arms: no arm given (e.g. --arms dense,short)")
     configs = {arm: load_config(f"{args.config}:{arm}", args.overrides) for arm in arms}
-    base_size, groups = data_sizes(configs["dense"])
+    base_size, groups = data_sizes(configs[arms[0]])
+    if any(data_sizes(c) != (base_size, groups) for c in configs.values()):
+        raise ValueError(f"--arms {','.join(arms)}: the arms' data.bucket_scale / data.base_sizes "
+                         "differ; they must train on the same records")
     resolve_word_tokenizer(list(configs.values()), out)
 
     _stage("data: synthetic shapes records and held-out prompts")
@@ -565,6 +571,11 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     prompts = make_prompts(out / "eval_prompts.jsonl", args.eval_num, base_size, groups,
                            seed=args.eval_seed)
     timings["data"] = time.perf_counter() - t
+    if any(c.text_encoder.path == "toy" for c in configs.values()):
+        _stage("toy text encoder: a tiny GPT-OSS trained on the captions")
+        t = time.perf_counter()
+        resolve_toy_text_encoder(list(configs.values()), out, train_dir)
+        timings["toy_text_encoder"] = time.perf_counter() - t
 
     reports = {}
     for arm in arms:
@@ -578,7 +589,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
         _stage(f"sample and score the {arm}-caption model")
         t = time.perf_counter()
         sampler = Sampler(workdir, args.sample_steps, args.guidance)
-        key = "caption" if arm == "dense" else "short_caption"
+        key = "caption" if float(config.data.short_caption_prob) == 0.0 else "short_caption"
         sample_prompts(sampler, "trained", prompts, key, out / "samples" / arm)
         reports[arm] = score_folder(out / "samples" / arm, out / f"scores_{arm}.json")
         timings[f"sample_score_{arm}"] = time.perf_counter() - t
@@ -834,6 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablation", help="dense vs short captions")
     common(a, ABLATION_CONFIG, "ablation_out")
     eval_seed(a)
+    a.add_argument("--arms", default="dense,short,dense_toy_lm,short_toy_lm",
+                   type=lambda v: [x for x in v.split(",") if x],
+                   help="comma-separated arms of the ablation config (default all four: dense and "
+                   "short captions with the random word table, then with the toy language model)")
     from lens_jax.data.synth_shapes import HELD_OUT_COLORS
 
     lo = sub.add_parser("lora", help="teach a finished run a new colour with LoRA")

@@ -127,16 +127,25 @@ def test_config_flags_as_lens_train_reads_them(tmp_path):
 
 
 @pytest.mark.parametrize("name,arg", [("demo.py", None), ("ablation_captions.py", "dense"),
-                                      ("ablation_captions.py", "short")])
+                                      ("ablation_captions.py", "short"),
+                                      ("ablation_captions.py", "dense_toy_lm"),
+                                      ("ablation_captions.py", "short_toy_lm")])
 def test_configs_load_and_name_their_command(name, arg):
     path = demo.REPO_ROOT / "configs" / name
     head = path.read_text().splitlines()[:4]
     assert head[0].startswith("#") and any("lens_jax.demo" in l for l in head)
     assert any("lens-train" in l for l in head)
     config = demo.load_config(path if arg is None else f"{path}:{arg}")
-    assert config.num_steps > 0 and config.model.in_channels == 12
+    assert config.num_steps > 0 and config.model.in_channels == 4 * config.model.out_channels
     if arg is not None:
-        assert config.data.short_caption_prob == {"dense": 0.0, "short": 1.0}[arg]
+        assert config.data.short_caption_prob == (0.0 if arg.startswith("dense") else 1.0)
+        toy = arg.endswith("toy_lm")
+        assert config.text_encoder.kind == ("gpt_oss" if toy else "embedding")
+        assert (config.text_encoder.path == "toy") == toy
+    from configs import ablation_captions
+
+    with pytest.raises(ValueError, match="expected one of"):
+        ablation_captions.get_config("toy")
 
 
 def test_word_tokenizer_is_resolved_once(tmp_path):
@@ -151,3 +160,28 @@ def test_word_tokenizer_is_resolved_once(tmp_path):
     again = demo.load_config(demo.DEFAULT_CONFIG)
     assert demo.resolve_word_tokenizer([again], tmp_path) == path and path.stat().st_mtime_ns == stamp
     assert demo.resolve_word_tokenizer([configs[1]], tmp_path) is None
+
+
+def test_ablation_runs_every_arm_it_is_asked_for(tmp_path, monkeypatch):
+    """``ablation --arms short,short_toy_lm``: the word-table arm and the toy-LM arm (its encoder
+    trained once, 2 steps here) both train, sample in their caption style and are compared."""
+    import dataclasses
+
+    from lens_jax.train import toy_text_encoder
+
+    original = toy_text_encoder.train_or_reuse
+
+    def quick(texts, spec, out, settings=toy_text_encoder.ToyLMSettings(), **kw):
+        return original(texts, spec, out, dataclasses.replace(settings, steps=2), progress=False, log=kw.get("log", print))
+
+    monkeypatch.setattr(toy_text_encoder, "train_or_reuse", quick)
+    argv = ["ablation", "--out", str(tmp_path), "--arms", "short,short_toy_lm", "--train-num", "24",
+            "--eval-num", "2", "--sample-steps", "1", "--config.num_steps=2",
+            "--config.data.rows_per_host", "2", "--config.data.text_tokens=64"]
+    assert demo.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["scores"]) == {"short", "short_toy_lm"}
+    assert (tmp_path / "text_encoder" / "config.json").is_file()
+    assert "toy_text_encoder" in summary["timings_s"]
+    for arm in ("short", "short_toy_lm"):
+        assert len(list((tmp_path / "samples" / arm).glob("*.png"))) == 2

@@ -84,6 +84,8 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     #                                   (stand-in, no VAE); "vae": the FLUX.2 VAE (path / "random")
     c.image_encoder.path = ""         # kind="vae": diffusers VAE folder, or "random" (tiny random VAE)
     c.image_encoder.scale = 0.125     # dct: multiply coefficients (DC of a [-1,1] patch is <= 16)
+    c.image_encoder.freq_exponent = 0.0  # dct: and (1 + u + v) ** this at frequency (u, v)
+    #                                   (stand_ins.dct_scales: lifts the faint edge frequencies)
     c.text_encoder = ml_collections.ConfigDict()
     c.text_encoder.kind = "embedding" # "embedding": frozen random table per selected layer (stand-in)
     #                                   | "gpt_oss": GPT-OSS features (path / "random")

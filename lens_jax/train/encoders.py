@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lens_jax.train import stand_ins
 
@@ -94,12 +95,19 @@ def text_encoder(config: ml_collections.ConfigDict):
                               str(te.get("dtype", "bfloat16")))
 
 
+def dct_scales(config: ml_collections.ConfigDict) -> np.ndarray:
+    """``[C]`` per-coefficient multipliers of the DCT stand-in (``stand_ins.dct_scales``)."""
+    ie = config.image_encoder
+    return stand_ins.dct_scales(int(config.model.in_channels), float(ie.scale),
+                                float(ie.get("freq_exponent", 0.0)))
+
+
 def encode_inputs(config: ml_collections.ConfigDict, frozen: dict, batch: dict, preamble: int
                   ) -> tuple[jax.Array, list[jax.Array]]:
     """Latent tokens ``[B, N_img, 128]`` and packed text features of a batch (inside jit)."""
     ie, te = config.image_encoder, config.text_encoder
     if ie.kind == "dct":
-        latents = stand_ins.patches_to_latents(batch["image_patches"], frozen["dct"], float(ie.scale))
+        latents = stand_ins.patches_to_latents(batch["image_patches"], frozen["dct"], dct_scales(config))
     else:
         latents = batch["latents"]
     if te.kind == "embedding":

@@ -57,7 +57,7 @@ def decode_latents(config: ml_collections.ConfigDict, frozen: dict, latents: jax
     h, w = latent_hw
     if config.image_encoder.kind != "dct":
         raise NotImplementedError("sample decoding with the VAE: use lens-sample on exported weights")
-    patches = np.asarray(stand_ins.latents_to_patches(latents, frozen["dct"], float(config.image_encoder.scale)))
+    patches = np.asarray(stand_ins.latents_to_patches(latents, frozen["dct"], encoders.dct_scales(config)))
     images = [unpatchify_image(p, h, w) for p in patches]
     return np.stack([np.clip((np.asarray(im, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
                      for im in images])

@@ -36,11 +36,30 @@ def dct_basis(out_channels: int = 128, patch: int = PATCH) -> np.ndarray:
                 return np.stack(columns, axis=1).astype(np.float32)
     raise ValueError(f"out_channels {out_channels} > {3 * patch * patch}")
 
-def patches_to_latents(patches: jax.Array, basis: jax.Array, scale: float) -> jax.Array:
-    """``[B, N, 768]`` pixel patches in [-1, 1] -> ``[B, N, 128]`` stand-in latent tokens."""
+def dct_frequency(out_channels: int, patch: int = PATCH) -> np.ndarray:
+    """``[out_channels]`` ``u + v`` of each column of ``dct_basis`` (0 for the DC columns)."""
+    freqs = sorted(((u, v) for u in range(patch) for v in range(patch)), key=lambda f: (f[0] + f[1], f))
+    if out_channels > 3 * len(freqs):
+        raise ValueError(f"out_channels {out_channels} > {3 * len(freqs)}")
+    return np.asarray([u + v for u, v in freqs for _ in range(3)][:out_channels], np.float32)
+
+def dct_scales(out_channels: int, scale: float, freq_exponent: float = 0.0) -> np.ndarray:
+    """``[out_channels]`` multiplier of each DCT coefficient: ``scale * (1 + u + v) ** freq_exponent``.
+
+    The coefficients of a shape's edges fall off roughly as ``(u + v) ** -1.15`` (measured on
+    synth-shapes renders, docs/demo.md "Towards shapes"); with one scale for all, the higher
+    frequencies sit far below the unit noise of flow matching, and the model's small errors on
+    them decode to loud patch noise. ``freq_exponent`` lifts them towards unit variance, as the
+    FLUX.2 VAE normalises its latents per channel (0: one scale for all).
+    """
+    return (float(scale) * (1.0 + dct_frequency(out_channels)) ** float(freq_exponent)).astype(np.float32)
+
+def patches_to_latents(patches: jax.Array, basis: jax.Array, scale: float | jax.Array) -> jax.Array:
+    """``[B, N, 768]`` pixel patches in [-1, 1] -> ``[B, N, C]`` stand-in latent tokens (``scale``:
+    a float or the ``[C]`` of ``dct_scales``)."""
     return jnp.einsum("bnp,pc->bnc", patches.astype(jnp.float32), basis) * scale
 
-def latents_to_patches(latents: jax.Array, basis: jax.Array, scale: float) -> jax.Array:
+def latents_to_patches(latents: jax.Array, basis: jax.Array, scale: float | jax.Array) -> jax.Array:
     """Inverse of ``patches_to_latents`` on the basis' span (low-passed pixels)."""
     return jnp.einsum("bnc,pc->bnp", latents.astype(jnp.float32) / scale, basis)
 

@@ -51,6 +51,26 @@ def test_dct_basis_orthonormal_and_flat_colour_exact():
     np.testing.assert_allclose(back, flat, atol=1e-5)
 
 
+def test_dct_frequency_and_scales_table():
+    # columns: (u + v, u, v) order, 3 colours each: DC; (0,1) (1,0); (0,2) (1,1) (2,0); ...
+    np.testing.assert_array_equal(stand_ins.dct_frequency(20), [0] * 3 + [1] * 6 + [2] * 9 + [3] * 2)
+    np.testing.assert_allclose(stand_ins.dct_scales(12, 0.125), [0.125] * 12)
+    np.testing.assert_allclose(stand_ins.dct_scales(12, 0.125, 2.0), [0.125] * 3 + [0.5] * 6 + [1.125] * 3)
+    with pytest.raises(ValueError, match="out_channels 769"):
+        stand_ins.dct_frequency(769)
+
+
+def test_dct_per_frequency_scale_round_trips():
+    basis = jnp.asarray(stand_ins.dct_basis(48))
+    scales = jnp.asarray(stand_ins.dct_scales(48, 0.125, 1.5))
+    patches = jax.random.uniform(jax.random.PRNGKey(0), (2, 3, 768), minval=-1, maxval=1)
+    lat = stand_ins.patches_to_latents(patches, basis, scales)
+    np.testing.assert_allclose(lat, stand_ins.patches_to_latents(patches, basis, 0.125) * scales / 0.125,
+                               rtol=1e-5, atol=1e-6)
+    low_passed = stand_ins.latents_to_patches(stand_ins.patches_to_latents(patches, basis, 0.125), basis, 0.125)
+    np.testing.assert_allclose(stand_ins.latents_to_patches(lat, basis, scales), low_passed, atol=1e-5)
+
+
 def test_text_ids_and_features_gather():
     caption_ids = jnp.asarray([[[7, 8, 9, 10], [20, 21, 0, 0]]])  # B=1, K=2, L=4
     text_index = jnp.asarray([[[0, 0], [0, 1], [1, 0], [0, 0]]])  # preamble 1
