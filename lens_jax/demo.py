@@ -104,29 +104,34 @@ def data_sizes(config) -> tuple[int, tuple[int, ...]]:
 
 # ----------------------------------------------------------------------------- stages
 
-def make_records(out: Path, num: int, seed: int, base_size: int, groups: Sequence[int]) -> Path:
+def make_records(out: Path, num: int, seed: int, base_size: int, groups: Sequence[int],
+                 short_style: str = "plain") -> Path:
     """``lens-data synth-shapes`` (reused when ``out`` already holds the same records)."""
     from lens_jax.data import cli as data_cli
     from lens_jax.data.records import read_manifest
 
     manifest = read_manifest(out) if out.exists() else None
-    wanted = {"seed": seed, "num": num, "base_size": base_size, "groups": list(groups)}
+    wanted = {"seed": seed, "num": num, "base_size": base_size, "groups": list(groups),
+              "short_style": None if short_style == "plain" else short_style}
     if manifest and all(manifest.get("synth_shapes", {}).get(k) == v for k, v in wanted.items()):
         _say(f"reusing {out} ({num} records, seed {seed})")
         return out
     argv = ["synth-shapes", "--out", str(out), "--num", str(num), "--seed", str(seed),
-            "--base-size", str(base_size), "--groups", ",".join(str(g) for g in groups), "--overwrite"]
+            "--base-size", str(base_size), "--groups", ",".join(str(g) for g in groups),
+            "--short-style", short_style, "--overwrite"]
     _command(["lens-data"] + argv)
     _check(data_cli.main(argv), "lens-data synth-shapes")
     return out
 
 
-def make_prompts(path: Path, num: int, base_size: int, groups: Sequence[int], seed: int = 0) -> list[dict]:
+def make_prompts(path: Path, num: int, base_size: int, groups: Sequence[int], seed: int = 0,
+                 short_style: str = "plain") -> list[dict]:
     """``lens-eval prompts`` -> the JSONL lines (held-out layouts with dense and short captions)."""
     from lens_jax.eval import cli as eval_cli
 
     argv = ["prompts", "--num", str(num), "--seed", str(seed), "--base-size", str(base_size),
-            "--groups", ",".join(str(g) for g in groups), "--out", str(path)]
+            "--groups", ",".join(str(g) for g in groups), "--short-style", short_style,
+            "--out", str(path)]
     _command(["lens-eval"] + argv)
     _check(eval_cli.main(argv), "lens-eval prompts")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -450,9 +455,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     _stage("1/7 data: synthetic shapes records and held-out prompts")
     t = time.perf_counter()
-    train_dir = make_records(out / "data" / "train", args.train_num, 0, base_size, groups)
-    heldout_dir = make_records(out / "data" / "heldout", args.heldout_num, 1, base_size, groups)
+    train_dir = make_records(out / "data" / "train", args.train_num, 0, base_size, groups,
+                             args.short_captions)
+    heldout_dir = make_records(out / "data" / "heldout", args.heldout_num, 1, base_size, groups,
+                               args.short_captions)
     prompts = make_prompts(out / "eval_prompts.jsonl", args.eval_num, base_size, groups,
+                           short_style=args.short_captions,
                            seed=args.eval_seed)
     timings["data"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -510,7 +518,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     summary = {
         "config": str(config_path), "overrides": list(args.overrides), "num_steps": int(config.num_steps),
-        "prompt_key": prompt_key, "sample_steps": args.sample_steps, "guidance": args.guidance,
+        "prompt_key": prompt_key, "short_captions": args.short_captions,
+        "sample_steps": args.sample_steps, "guidance": args.guidance,
         "final_train_loss": metrics[-1]["loss"] if metrics else None, "heldout_loss": losses,
         "scores": {which: {c: r["categories"][c]["score"] for c in CATEGORIES} | {"overall": r["overall"]}
                    for which, r in reports.items()},
@@ -788,7 +797,8 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "base": str(base_run), "concept": color, "new_words": new_words,
         "config": str(config_path), "overrides": list(args.overrides), "num_steps": int(config.num_steps),
-        "prompt_key": prompt_key, "sample_steps": args.sample_steps, "guidance": args.guidance,
+        "prompt_key": prompt_key, "short_captions": args.short_captions,
+        "sample_steps": args.sample_steps, "guidance": args.guidance,
         "scores": {k: {c: r["categories"][c]["score"] for c in CATEGORIES} | {"overall": r["overall"]}
                    for k, r in reports.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -842,6 +852,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--heldout-num", type=int, default=200, help="held-out records (default 200)")
     r.add_argument("--heldout-batches", type=int, default=4, help="held-out loss batches (default 4)")
     r.add_argument("--grid", type=int, default=12, help="prompts in grid.png (default 12)")
+    r.add_argument("--short-captions", choices=("plain", "places"), default="places",
+                   help="style of the short captions the model trains on and is prompted with "
+                   "(lens-data synth-shapes --short-style): 'places' (default) names each object's "
+                   "ninth of the image (\"a red circle upper left and a blue square centre\"), "
+                   "so position can be learned; 'plain' names the objects only")
     a = sub.add_parser("ablation", help="dense vs short captions")
     common(a, ABLATION_CONFIG, "ablation_out")
     eval_seed(a)

@@ -35,6 +35,14 @@ def test_outputs_exist(demo_run):
         assert (o[key] / "lens_records.json").is_file(), key
     prompts = [json.loads(l) for l in o["eval_prompts"].read_text().splitlines()]
     assert len(prompts) == 4
+    # --short-captions places (the default): prompts and records name each object's ninth
+    from lens_jax.data.records import read_examples
+    from lens_jax.data.synth_shapes import caption_short
+
+    assert summary["short_captions"] == "places"
+    assert all(p["short_caption"] == caption_short(p["layout"], "places") for p in prompts)
+    example = next(iter(read_examples(o["train_records"])))
+    assert example.short_caption == caption_short(json.loads(example.metadata)["layout"], "places")
     metrics = [json.loads(l) for l in o["metrics"].read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
     assert any(o["tensorboard"].iterdir())

@@ -361,6 +361,10 @@ def add_synth_shapes(subparsers) -> None:
                    help="number of shards (default 1)")
     p.add_argument("--workers", type=_positive_int, default=1,
                    help="generator processes (default 1; the output does not depend on it)")
+    p.add_argument("--short-style", choices=("plain", "places"), default="plain",
+                   help="short caption: 'plain' names the objects (\"a red circle and two blue "
+                        "squares\", default), 'places' also each one's ninth of the image (\"a red "
+                        "circle upper left and a blue square centre\"); images are the same")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth_shapes)
@@ -376,7 +380,8 @@ def run_synth_shapes(args: argparse.Namespace) -> int:
     check_records_output(args, {}, "lens-data synth-shapes")
     shards = write_dataset(args.out, args.num, seed=args.seed, base_size=args.base_size,
                            groups=groups, num_shards=args.num_shards, workers=args.workers,
-                           overwrite=args.overwrite, show_progress=not args.no_progress)
+                           overwrite=args.overwrite, show_progress=not args.no_progress,
+                           short_style=args.short_style)
     print(f"wrote {args.num} synthetic examples to {args.out} ({len(shards)} shard(s))")
     return 0
 

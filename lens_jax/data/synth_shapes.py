@@ -419,8 +419,23 @@ def caption_dense(layout: dict[str, Any], min_words: int = 60, max_words: int = 
     return " ".join(head + relations + tail + extra)
 
 
-def caption_short(layout: dict[str, Any]) -> str:
-    """A few words naming the objects, e.g. "a red circle and two blue squares"."""
+# Styles of the short caption: "plain" names the objects ("a red circle and two blue squares"),
+# "places" also names each one's ninth of the image ("a red circle upper left and a blue square
+# centre"), so that a short caption carries positions too (~4 words per object).
+SHORT_CAPTION_STYLES = ("plain", "places")
+
+
+def caption_short(layout: dict[str, Any], style: str = "plain") -> str:
+    """A few words naming the objects, e.g. "a red circle and two blue squares" (``style``
+    "plain"), or each object with its place, "a red circle upper left and a blue square centre"
+    ("places": ``POSITION_NAMES``, objects in layout order)."""
+    if style not in SHORT_CAPTION_STYLES:
+        raise ValueError(f"short caption style {style!r}: expected one of {SHORT_CAPTION_STYLES}")
+    if style == "places":
+        parts = [_article(f"{o['color']} {o['shape']}") + f" {o['position']}" for o in layout["objects"]]
+        if not parts:
+            return "an empty background"
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     groups: dict[tuple[str, str], int] = {}
     for obj in layout["objects"]:
         key = (obj["color"], obj["shape"])
@@ -441,12 +456,13 @@ def caption_short(layout: dict[str, Any]) -> str:
 
 
 def generate_example(seed: int, index: int, sizes: Sequence[tuple[int, int]],
-                     new_color: str | None = None) -> Example:
+                     new_color: str | None = None, short_style: str = "plain") -> Example:
     """Example ``index`` of the dataset with ``seed`` (a pure function of its arguments).
 
     ``new_color``: a held-out colour (``HELD_OUT_COLORS``) given to some objects
     (``with_new_color``) of a ``NEW_COLOR_RECORD_SHARE`` of the layouts; None (the default) draws
-    the plain dataset."""
+    the plain dataset. ``short_style``: of the short caption (``caption_short``); the layout and
+    the image do not depend on it."""
     rng = np.random.default_rng([seed, index])
     width, height = sizes[int(rng.integers(len(sizes)))]
     layout = sample_layout(rng, width, height)
@@ -455,20 +471,23 @@ def generate_example(seed: int, index: int, sizes: Sequence[tuple[int, int]],
     image = render_layout(layout, width, height)
     metadata = {"generator": SOURCE_TAG, "seed": seed, "index": index, "layout": layout}
     return Example(image_bytes=encode_png(image), caption=caption_dense(layout),
-                   short_caption=caption_short(layout), width=width, height=height,
+                   short_caption=caption_short(layout, short_style), width=width, height=height,
                    id=f"{SOURCE_TAG}-{seed}-{index:08d}", source=SOURCE_TAG,
                    metadata=json.dumps(metadata, sort_keys=True, separators=(",", ":")))
 
 
-def _generate_star(args: tuple[int, int, tuple[tuple[int, int], ...], str | None]) -> Example:
+def _generate_star(args: tuple[int, int, tuple[tuple[int, int], ...], str | None, str]) -> Example:
     return generate_example(*args)
 
 
 def iter_examples(num: int, seed: int, sizes: Sequence[tuple[int, int]], workers: int = 1,
-                  show_progress: bool = False, new_color: str | None = None) -> Iterator[Example]:
+                  show_progress: bool = False, new_color: str | None = None,
+                  short_style: str = "plain") -> Iterator[Example]:
     """Examples ``0..num-1`` in order, generated in ``workers`` processes."""
+    if short_style not in SHORT_CAPTION_STYLES:
+        raise ValueError(f"short caption style {short_style!r}: expected one of {SHORT_CAPTION_STYLES}")
     sizes = tuple(tuple(s) for s in sizes)
-    jobs = [(seed, i, sizes, new_color) for i in range(num)]
+    jobs = [(seed, i, sizes, new_color, short_style) for i in range(num)]
     wrap = (lambda it: it)
     if show_progress:
         from tqdm import tqdm
@@ -492,10 +511,11 @@ def iter_examples(num: int, seed: int, sizes: Sequence[tuple[int, int]], workers
 def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, base_size: int = 512,
                   groups: Sequence[int] = (512, 768, 1024), num_shards: int = 1, workers: int = 1,
                   overwrite: bool = False, show_progress: bool = False,
-                  new_color: str | None = None) -> list[str]:
+                  new_color: str | None = None, short_style: str = "plain") -> list[str]:
     """Writes ``num`` synthetic examples as lens records in ``out_dir``; returns the shards.
 
-    ``new_color``: see ``generate_example`` (recorded in the manifest when set)."""
+    ``new_color``, ``short_style``: see ``generate_example`` (recorded in the manifest when not
+    the default)."""
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
     sizes = bucket_sizes(base_size, groups)
@@ -503,6 +523,9 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, base_size
                 "sizes": [list(s) for s in sizes]}
     if new_color is not None:
         settings["new_color"] = new_color
-    return write_shards(iter_examples(num, seed, sizes, workers, show_progress, new_color), out_dir,
+    if short_style != "plain":
+        settings["short_style"] = short_style
+    return write_shards(iter_examples(num, seed, sizes, workers, show_progress, new_color, short_style),
+                        out_dir,
                         num_shards, overwrite=overwrite,
                         extra_manifest={"source": SOURCE_TAG, "synth_shapes": settings})

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-key", choices=("caption", "short_caption"), default="caption",
                    help="which caption goes into each line's 'prompt' (what lens-sample "
                         "--prompts-file reads; default: the dense caption)")
+    p.add_argument("--short-style", choices=("plain", "places"), default="plain",
+                   help="style of each line's short_caption, as lens-data synth-shapes "
+                        "--short-style (default plain)")
     p.add_argument("--unbalanced", action="store_true",
                    help="object counts as in training (default: 1-4 objects in equal shares)")
     p.add_argument("--out", required=True, help="output JSONL file")
@@ -144,7 +147,8 @@ def run_prompts(args: argparse.Namespace) -> int:
     from lens_jax.eval.layout import make_eval_set, render_eval_set
 
     prompts = make_eval_set(args.num, seed=args.seed, base_size=args.base_size,
-                            groups=args.groups, balanced=not args.unbalanced)
+                            groups=args.groups, balanced=not args.unbalanced,
+                            short_style=args.short_style)
     def write(f) -> None:
         for index, p in enumerate(prompts):
             prompt = p.caption if args.prompt_key == "caption" else p.short_caption

@@ -106,9 +106,10 @@ EVAL_STREAM_TAG = 0x4C454E53  # "LENS"
 
 
 def make_eval_set(num: int, seed: int = 0, base_size: int = 64,
-                  groups: Sequence[int] = (512, 768, 1024), balanced: bool = True
-                  ) -> list[EvalPrompt]:
-    """``num`` held-out prompts (layout, dense caption, short caption, width, height).
+                  groups: Sequence[int] = (512, 768, 1024), balanced: bool = True,
+                  short_style: str = "plain") -> list[EvalPrompt]:
+    """``num`` held-out prompts (layout, dense caption, short caption of ``short_style``
+    (``synth_shapes.caption_short``), width, height).
 
     Sizes are training buckets (``bucket_sizes(base_size, groups)``). The random stream is a
     numpy ``SeedSequence`` child with a spawn key, disjoint by construction from the training
@@ -131,7 +132,7 @@ def make_eval_set(num: int, seed: int = 0, base_size: int = 64,
             layout = sample_layout(rng, width, height)
             if wanted is None or len(layout["objects"]) == wanted or attempt >= 255:
                 break
-        prompts.append(EvalPrompt(layout, caption_dense(layout), caption_short(layout),
+        prompts.append(EvalPrompt(layout, caption_dense(layout), caption_short(layout, short_style),
                                   int(width), int(height)))
     return prompts
 

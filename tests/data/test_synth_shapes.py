@@ -101,6 +101,29 @@ def test_caption_content():
         "an orange triangle"
 
 
+def test_places_caption_names_each_objects_ninth():
+    layout = _layout(("circle", "red", "large", (5, 5, 43, 43)),
+                     ("square", "blue", "small", (150, 60, 166, 76)),
+                     ("square", "blue", "small", (100, 40, 116, 56)))
+    assert S.caption_short(layout, "places") == \
+        "a red circle upper left, a blue square lower right and a blue square centre"
+    assert S.caption_short(_layout(("triangle", "orange", "medium", (0, 0, 10, 10))), "places") == \
+        "an orange triangle upper left"
+    with pytest.raises(ValueError, match="expected one of"):
+        S.caption_short(layout, "long")
+
+
+def test_short_style_changes_only_the_short_caption(tmp_path):
+    sizes = S.bucket_sizes(64)
+    plain, places = (S.generate_example(3, 7, sizes, short_style=st) for st in ("plain", "places"))
+    assert (plain.image_bytes, plain.caption) == (places.image_bytes, places.caption)
+    layout = json.loads(places.metadata)["layout"]
+    assert places.short_caption == S.caption_short(layout, "places") != plain.short_caption
+    S.write_dataset(tmp_path / "r", 3, seed=3, base_size=64, short_style="places")
+    manifest = json.loads((tmp_path / "r" / "lens_records.json").read_text())
+    assert manifest["synth_shapes"]["short_style"] == "places"
+
+
 def test_render_scaling_and_gradient():
     layout = _layout(("square", "green", "large", (50, 25, 100, 75)))
     layout["background"] = {"kind": "gradient", "colors": ["black", "white"],
