@@ -1,13 +1,14 @@
 # The newcomer demo's training run (make demo runs it through lens_jax/demo.py):
 #   python -m lens_jax.demo --out demo_out
-# or by hand, on records of lens-data synth-shapes --base-size 96 --groups 512:
+# or by hand, on records of lens-data synth-shapes --base-size 96 --groups 512 --short-style places:
 #   lens-train --config configs/demo.py --workdir demo_out/run --config.data.path=demo_out/data/train \
 #       --config.data.tokenizer=json:demo_out/word_tokenizer.json   (written by the command above)
 """A small Lens that learns the synthetic shapes task on a 2-core CPU in about a quarter of an hour.
 
 configs/tiny.py (byte-embedding text stand-in, DCT stand-in latents) made deeper and wider (4 blocks
-of width 96), with a word-level caption tokenizer, trained longer on short captions ("a red circle
-and two blue squares"), with sample grids. docs/demo.md ("Choices") has the measurements behind
+of width 96), with a word-level caption tokenizer, trained longer on short captions that name
+each object's place ("a red circle upper left and a blue square centre": lens_jax.demo
+--short-captions places, the default), with sample grids. docs/demo.md ("Choices") has the measurements behind
 each choice.
 """
 
@@ -43,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     # pass --config.data.tokenizer=json:FILE. A colour is one token instead of 3-6 bytes: 0.72 vs
     # 0.36 single-object colour after 3000 steps of the 2-block model.
     d.tokenizer = "words"
-    d.text_tokens = 64                # a short caption is 3-16 words; 64 fits 4 of them
+    d.text_tokens = 64                # a places caption is 4-20 words; 64 fits ~4 of them
     d.max_segments = 4
     d.short_caption_prob = 1.0        # short captions (configs/ablation_captions.py: dense vs short)
     d.caption_dropout = 0.1           # empty caption 10% of the time: classifier-free guidance
@@ -56,8 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.max_to_keep = 2
     config.logging.every = 25
     config.samples.every = 500        # sample grids in WORKDIR/samples/
-    config.samples.prompts = ("a red circle", "a blue square", "a green star", "a yellow triangle",
-                              "a purple hexagon", "an orange diamond")
+    config.samples.prompts = ("a red circle centre", "a blue square upper left",
+                              "a green star lower right", "a yellow triangle left",
+                              "a purple hexagon top centre", "an orange diamond right")
     config.samples.height = 96
     config.samples.width = 96
     return config

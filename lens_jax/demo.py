@@ -652,18 +652,19 @@ def extend_word_tokenizer(base: Path, out: Path, texts: Sequence[str], vocab_siz
     return new
 
 
-def concept_prompts(num: int, seed: int, base_size: int, groups: Sequence[int], color: str
-                    ) -> tuple[list[dict], list[dict]]:
+def concept_prompts(num: int, seed: int, base_size: int, groups: Sequence[int], color: str,
+                    short_style: str = "plain") -> tuple[list[dict], list[dict]]:
     """``num`` held-out one-object prompts of the new ``color`` and the same layouts in their
     original colours (``make_eval_set``'s stream, disjoint from every training stream): same
-    shapes, sizes, places, backgrounds and noise; only the colour word differs."""
+    shapes, sizes, places, backgrounds and noise; only the colour word differs. Short captions
+    of ``short_style`` (the base run's)."""
     from lens_jax.data.synth_shapes import caption_dense, caption_short, with_new_color
     from lens_jax.eval.layout import make_eval_set
 
     singles = [p for p in make_eval_set(4 * num, seed, base_size, groups) if len(p.layout["objects"]) == 1]
 
     def row(layout: dict, p) -> dict:
-        return {"caption": caption_dense(layout), "short_caption": caption_short(layout),
+        return {"caption": caption_dense(layout), "short_caption": caption_short(layout, short_style),
                 "width": p.width, "height": p.height, "layout": layout}
 
     old = [row(p.layout, p) for p in singles[:num]]
@@ -721,6 +722,11 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
     base_size, groups = data_sizes(config)
     prompt_key = "short_caption" if config.data.short_caption_prob >= 0.5 else "caption"
     color = args.concept
+    # the base run's short-caption style (its records' manifest; runs before the styles: plain)
+    from lens_jax.data.records import read_manifest
+
+    base_manifest = read_manifest(Path(str(base_config.data.path))) or {}
+    short_style = base_manifest.get("synth_shapes", {}).get("short_style", "plain")
 
     _stage(f"1/6 data: records with the new colour '{color}', held-out prompts, tokenizer")
     t = time.perf_counter()
@@ -730,10 +736,11 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
                          "extends the base run's word-level json: tokenizer")
     train_dir = out / "data" / "train"
     _say(f"synth_shapes.write_dataset({train_dir}, num={args.train_num}, seed=2, "
-         f"base_size={base_size}, groups={list(groups)}, new_color={color!r})")
+         f"base_size={base_size}, groups={list(groups)}, new_color={color!r}, "
+         f"short_style={short_style!r})")
     write_dataset(train_dir, args.train_num, seed=2, base_size=base_size, groups=groups,
-                  overwrite=True, new_color=color)
-    new_prompts, old_prompts = concept_prompts(args.eval_num, 2, base_size, groups, color)
+                  overwrite=True, new_color=color, short_style=short_style)
+    new_prompts, old_prompts = concept_prompts(args.eval_num, 2, base_size, groups, color, short_style)
     for name, rows in ((color, new_prompts), ("old", old_prompts)):
         (out / f"eval_prompts_{name}.jsonl").write_text(
             "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
@@ -797,7 +804,7 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "base": str(base_run), "concept": color, "new_words": new_words,
         "config": str(config_path), "overrides": list(args.overrides), "num_steps": int(config.num_steps),
-        "prompt_key": prompt_key, "short_captions": args.short_captions,
+        "prompt_key": prompt_key, "short_captions": short_style,
         "sample_steps": args.sample_steps, "guidance": args.guidance,
         "scores": {k: {c: r["categories"][c]["score"] for c in CATEGORIES} | {"overall": r["overall"]}
                    for k, r in reports.items()},

@@ -28,7 +28,7 @@ def lora_run(tmp_path_factory):
     config = demo.load_config(demo.DEFAULT_CONFIG, overrides)
     demo.resolve_word_tokenizer([config], base)
     config.data.path = str(base / "data")
-    write_dataset(config.data.path, 16, 0, *demo.data_sizes(config))
+    write_dataset(config.data.path, 16, 0, *demo.data_sizes(config), short_style="places")
     demo.train_run(config, base / "run", demo.DEFAULT_CONFIG, overrides)
     out = tmp_path_factory.mktemp("lora")
     assert demo.main(["lora", "--base", str(base), "--out", str(out), "--concept", "lime",
@@ -50,6 +50,14 @@ def test_records_and_tokenizer_carry_the_new_colour(lora_run):
     held = [any(o["color"] == "lime" for o in json.loads(ex.metadata)["layout"]["objects"])
             for ex in examples]
     assert len(examples) == 16 and named == held and 6 <= sum(named) <= 15
+    # the base run trained on 'places' short captions (make demo's default): the LoRA's records and
+    # held-out prompts use the same style
+    from lens_jax.data.synth_shapes import caption_short
+
+    assert all(ex.short_caption == caption_short(json.loads(ex.metadata)["layout"], "places")
+               for ex in examples)
+    prompts = [json.loads(l) for l in (out / "eval_prompts_lime.jsonl").read_text().splitlines()]
+    assert prompts and all(p["short_caption"] == caption_short(p["layout"], "places") for p in prompts)
     assert summary["new_words"] == ["lime"]
     old = Tokenizer.from_file(str(base / "word_tokenizer.json"))
     new = Tokenizer.from_file(summary["outputs"]["word_tokenizer"])

@@ -16,7 +16,10 @@ from lens_jax.data.pipeline import default_data_config
 # parameters, optimizer state and EMA are split over "fsdp" along their "embed" axis, attention
 # heads and MLP hidden units over "tensor"; activations' batch axis over every data-like axis.
 DEFAULT_RULES = (
-    ("batch", ("slice", "fsdp", "data")),  # not (.., "data", "fsdp"): ~2e-4 off on XLA:CPU, docs/sharding.md
+    # fsdp before data: XLA:CPU's SPMD partitioner exchanges batch shards in y @ w when w's columns
+    # are over a batch axis that is not the first (docs/sharding.md, five-line repro in
+    # benchmarks/sharding_order_minimal.py); with several slices this order is still affected on CPU
+    ("batch", ("slice", "fsdp", "data")),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
