@@ -38,7 +38,7 @@ from lens_jax.data.synth_shapes import (HELD_OUT_COLORS, POSITION_NAMES, OBJECT_
                                         SIZE_FRACTIONS, bucket_sizes, caption_dense, caption_short,
                                         render_layout, sample_layout)
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: colour matching keeps the k largest detections of each colour
 COLOR_NAMES: tuple[str, ...] = tuple(OBJECT_COLORS)
 _COLOR_RGB = np.asarray([OBJECT_COLORS[c] for c in COLOR_NAMES], np.float32)  # [8, 3]
 
@@ -374,11 +374,16 @@ def _assign(gt_centers: list[tuple[float, float]], det_centers: list[tuple[float
 
 def _match_by_color(objects: list[dict[str, Any]], detections: list[Detection], width: int,
                     height: int) -> list[Detection | None]:
-    """For each GT object, a detection of its colour (optimal by distance within each colour)."""
+    """For each GT object, a detection of its colour: within each colour, the ``k`` largest
+    detections (``k``: the prompt's objects of that colour, as GenEval keeps the most confident
+    detections) paired with the prompt objects by minimum total distance. Choosing among all the
+    detections of a colour by distance would let an image with blobs of every colour everywhere
+    (the untrained model's noise) pass position and region by chance."""
     matched: list[Detection | None] = [None] * len(objects)
     for color in sorted({o["color"] for o in objects}):
         gt_index = [i for i, o in enumerate(objects) if o["color"] == color]
-        candidates = [d for d in detections if d.color == color]
+        candidates = sorted((d for d in detections if d.color == color),
+                            key=lambda d: -d.area)[:len(gt_index)]
         assignment = _assign([objects[i]["center"] for i in gt_index],
                              [d.center for d in candidates], width, height)
         for i, j in zip(gt_index, assignment):

@@ -309,3 +309,29 @@ def test_cli_errors(tmp_path, capsys):
     assert "lacks" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["prompts", "--num", "0", "--out", str(tmp_path / "p.jsonl")])
+
+
+def test_colour_matching_keeps_the_largest_detections():
+    """A small red blob where the prompt's red circle is, and a larger red square elsewhere: the
+    largest red detection stands for the red object (as GenEval keeps the most confident
+    detections), so position and region fail; picking whichever red blob lies closest to the
+    prompt's circle would pass an image with blobs of every colour everywhere."""
+    def obj(shape, color, box, w=192, h=96):
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        return {"shape": shape, "color": color, "rgb": list(OBJECT_COLORS[color]), "size": "medium",
+                "bbox": list(box), "center": [cx, cy], "position": synth_shapes._position_name(cx, cy, w, h)}
+
+    prompt = {"version": 1, "width": 192, "height": 96,
+              "background": {"kind": "plain", "colors": ["white"],
+                             "rgb": [list(synth_shapes.BACKGROUND_COLORS["white"])], "direction": None},
+              "objects": [obj("square", "red", (10, 34, 38, 62)), obj("square", "blue", (90, 34, 118, 62))]}
+    drawn = with_objects(prompt, [obj("square", "red", (14, 38, 34, 58)),       # small, in place
+                                  obj("square", "blue", (90, 34, 118, 62)),
+                                  obj("square", "red", (140, 20, 190, 70))])     # large, right of blue
+    image = render_layout(drawn)
+    report = score_images([image], [prompt])
+    assert report["categories"]["object_present"]["score"] == 1.0
+    assert report["categories"]["position"]["score"] == 0.0
+    assert report["categories"]["region"]["score"] == 0.0
+    right = score_images([render_layout(prompt)], [prompt])
+    assert right["categories"]["position"]["score"] == 1.0 and right["categories"]["region"]["score"] == 1.0
