@@ -109,7 +109,7 @@ def test_rerun_reuses_finished_run(demo_run, capsys):
     from lens_jax.demo import make_records
 
     make_records(Path(summary["outputs"]["train_records"]), 40, 0,
-                 *demo.data_sizes(demo.load_config(demo.DEFAULT_CONFIG)))
+                 *demo.data_sizes(demo.load_config(demo.DEFAULT_CONFIG)), short_style="places")
     assert "reusing" in capsys.readouterr().out
 
 

@@ -68,16 +68,11 @@ def _minimal_program(order):
     return np.asarray(out), y, y @ w
 
 
-@pytest.mark.xfail(strict=True, reason=XLA_CPU_DOT_BUG)
-def test_minimal_program_batch_over_data_then_fsdp_equals_single_device():
-    out, y, yw = _minimal_program(("data", "fsdp"))
-    np.testing.assert_allclose(out, y + yw, rtol=1e-5, atol=1e-5)
-
-
 def test_minimal_program_xla_cpu_exchanges_batch_shards_1_and_2():
-    """The explanation of the xfail above, checked: ("fsdp", "data") is right, and ("data", "fsdp")
-    is exactly y + (y @ w) with rows 2-3 and 4-5 exchanged. When a jax/XLA upgrade fails this, see
-    whether the bug is fixed (then the xfail passes too) and update docs/sharding.md."""
+    """XLA_CPU_DOT_BUG, explained and pinned: ("fsdp", "data") equals one device, and ("data",
+    "fsdp") is exactly y + (y @ w) with rows 2-3 and 4-5 exchanged (a wrong result, not rounding).
+    When a jax/XLA upgrade fails this, check whether the bug is fixed (``("data", "fsdp")`` then
+    equals one device) and update docs/sharding.md and DEFAULT_RULES' comment."""
     out, y, yw = _minimal_program(("fsdp", "data"))
     np.testing.assert_allclose(out, y + yw, rtol=1e-5, atol=1e-5)
     out, y, yw = _minimal_program(("data", "fsdp"))
