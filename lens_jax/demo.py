@@ -859,7 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--heldout-num", type=int, default=200, help="held-out records (default 200)")
     r.add_argument("--heldout-batches", type=int, default=4, help="held-out loss batches (default 4)")
     r.add_argument("--grid", type=int, default=12, help="prompts in grid.png (default 12)")
-    r.add_argument("--short-captions", choices=("plain", "places"), default="places",
+    from lens_jax.data.synth_shapes import SHORT_CAPTION_STYLES
+
+    r.add_argument("--short-captions", choices=SHORT_CAPTION_STYLES, default="places",
                    help="style of the short captions the model trains on and is prompted with "
                    "(lens-data synth-shapes --short-style): 'places' (default) names each object's "
                    "ninth of the image (\"a red circle upper left and a blue square centre\"), "

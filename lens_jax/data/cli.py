@@ -22,6 +22,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 
 from lens_jax.errors import CaptionError, RecordError
+from lens_jax.data.synth_shapes import SHORT_CAPTION_STYLES
 
 
 def _positive_int(text: str) -> int:
@@ -361,7 +362,7 @@ def add_synth_shapes(subparsers) -> None:
                    help="number of shards (default 1)")
     p.add_argument("--workers", type=_positive_int, default=1,
                    help="generator processes (default 1; the output does not depend on it)")
-    p.add_argument("--short-style", choices=("plain", "places"), default="plain",
+    p.add_argument("--short-style", choices=SHORT_CAPTION_STYLES, default="plain",
                    help="short caption: 'plain' names the objects (\"a red circle and two blue "
                         "squares\", default), 'places' also each one's ninth of the image (\"a red "
                         "circle upper left and a blue square centre\"); images are the same")

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+from lens_jax.data.synth_shapes import SHORT_CAPTION_STYLES
 from collections.abc import Sequence
 
 
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-key", choices=("caption", "short_caption"), default="caption",
                    help="which caption goes into each line's 'prompt' (what lens-sample "
                         "--prompts-file reads; default: the dense caption)")
-    p.add_argument("--short-style", choices=("plain", "places"), default="plain",
+    p.add_argument("--short-style", choices=SHORT_CAPTION_STYLES, default="plain",
                    help="style of each line's short_caption, as lens-data synth-shapes "
                         "--short-style (default plain)")
     p.add_argument("--unbalanced", action="store_true",

@@ -15,6 +15,10 @@ from lens_jax.data.buckets import PATCH  # pixels per latent token side (8x VAE 
 
 
 
+def _frequencies(patch: int) -> list[tuple[int, int]]:
+    """The 2-D DCT frequencies ``(u, v)`` of a patch in ``dct_basis``'s column order."""
+    return sorted(((u, v) for u in range(patch) for v in range(patch)), key=lambda f: (f[0] + f[1], f))
+
 def dct_basis(out_channels: int = 128, patch: int = PATCH) -> np.ndarray:
     """``[patch*patch*3, out_channels]`` orthonormal columns: the lowest-frequency 2-D DCT-II basis
     functions of a patch, per colour channel, ordered by (u + v, u, v, channel).
@@ -25,7 +29,7 @@ def dct_basis(out_channels: int = 128, patch: int = PATCH) -> np.ndarray:
     k = np.arange(patch)
     dct = np.sqrt(2.0 / patch) * np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * patch))
     dct[0] /= np.sqrt(2.0)  # [freq, pixel], orthonormal rows
-    freqs = sorted(((u, v) for u in range(patch) for v in range(patch)), key=lambda f: (f[0] + f[1], f))
+    freqs = _frequencies(patch)
     columns = []
     for u, v in freqs:
         for c in range(3):
@@ -38,7 +42,7 @@ def dct_basis(out_channels: int = 128, patch: int = PATCH) -> np.ndarray:
 
 def dct_frequency(out_channels: int, patch: int = PATCH) -> np.ndarray:
     """``[out_channels]`` ``u + v`` of each column of ``dct_basis`` (0 for the DC columns)."""
-    freqs = sorted(((u, v) for u in range(patch) for v in range(patch)), key=lambda f: (f[0] + f[1], f))
+    freqs = _frequencies(patch)
     if out_channels > 3 * len(freqs):
         raise ValueError(f"out_channels {out_channels} > {3 * len(freqs)}")
     return np.asarray([u + v for u, v in freqs for _ in range(3)][:out_channels], np.float32)
