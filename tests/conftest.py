@@ -1,6 +1,9 @@
-"""Test set-up: 8 fake CPU devices (every sharding layout is tested that way) and shared fixtures."""
+"""Test set-up: 8 fake CPU devices (every sharding layout is tested that way), one persistent
+compilation cache for the whole session, and shared fixtures."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -23,6 +26,27 @@ def rel_l2(actual, expected) -> float:
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def pytest_configure(config):
+    """One jax persistent compilation cache for the session: its workers (pytest-xdist starts them
+    after this, with this environment) and the ``lens-train``/``launch/local.sh`` processes the
+    tests start (their environments are copies of ``os.environ``). The same tiny step compiles in
+    many tests and processes; each compiles it once (on 2 cores, tests/train ran 12% faster with
+    it). A cache set by the caller (``JAX_COMPILATION_CACHE_DIR``) is used and left in place."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config._lens_jax_cache = tempfile.mkdtemp(prefix="lens_jax_tests_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._lens_jax_cache
+    # Programs that compile in under half a second are cheaper to compile than to read back.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_lens_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ WATCH = ("--config.logging.tensorboard=True", "--config.samples.every=10", "--co
 @pytest.fixture(scope="module")
 def env(gcs_emulator, tmp_path_factory):
     env = cli_env()  # carries STORAGE_EMULATOR_HOST
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["LENS_CACHE_DIR"] = str(tmp_path_factory.mktemp("lens_cache"))

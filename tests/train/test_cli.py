@@ -20,7 +20,6 @@ TIMEOUT = 300
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     env = cli_env()
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
