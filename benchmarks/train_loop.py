@@ -1,6 +1,6 @@
 """The loop's cost over the step: ``lens-train``'s loop against the compiled step alone, same shapes.
 
-    .venv/bin/python benchmarks/train_loop.py --data DIR [--config tiny|demo] [--steps 60]
+    .venv/bin/python benchmarks/train_loop.py --data DIR [--config tiny|demo] [--steps 60] [--set data.resample=bicubic]
 
 ``DIR``: synthetic-shapes records (``lens-data synth-shapes --base-size 64`` for tiny, ``--base-size
 96 --groups 512`` for demo). In one process:
@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--config", default="tiny", choices=("tiny", "demo"))
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set data.resample=bicubic (repeatable)")
     args = p.parse_args()
 
     from lens_jax.data.pipeline import make_pipeline
@@ -42,6 +44,17 @@ def main() -> None:
 
     config = importlib.import_module(f"configs.{args.config}").get_config()
     config.data.path = args.data
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected FIELD=VALUE")
+        parent, _, name = field.rpartition(".")
+        node = config
+        for part in filter(None, parent.split(".")):
+            node = node[part]
+        if name not in node:
+            p.error(f"--set {item!r}: the {args.config} config has no field {field!r}")
+        node[name] = type(node[name])(value) if not isinstance(node[name], bool) else value == "True"
     tmp = tempfile.mkdtemp()
     if config.data.tokenizer == "words":  # the demo's word tokenizer (lens_jax.demo writes it)
         from lens_jax.demo import write_word_tokenizer
@@ -70,7 +83,7 @@ def main() -> None:
         state, m = trainer.step(state, b)
     jax.block_until_ready((state, m))
     step_s = (time.perf_counter() - start) / len(batches)
-    print(f"{args.config}: loop {loop_s * 1e3:.1f} ms/step, step alone {step_s * 1e3:.1f} ms/step, "
+    print(f"{args.config}{''.join(' ' + a for a in args.set)}: loop {loop_s * 1e3:.1f} ms/step, step alone {step_s * 1e3:.1f} ms/step, "
           f"loop / step {loop_s / step_s:.3f} ({jax.devices()[0].device_kind}, "
           f"{len(trainer.mesh.devices.flat)} device(s), logging.every={config.logging.every})")
 
