@@ -49,6 +49,32 @@ def pytest_unconfigure(config):
         os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 
+@pytest.fixture(scope="module")
+def no_persistent_compilation_cache():
+    """Compiles for TPU topologies (compile-only, from this CPU host) bypass the session's cache:
+    an executable compiled for no client cannot be read back ("PjRtCompiler must be constructed
+    with a Client"), so a second compile of the same program warned and recompiled. Child
+    processes of such tests drop ``JAX_COMPILATION_CACHE_DIR`` from their environment."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    saved = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()   # jax decides once per process whether the cache is used
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", saved)
+        cc.reset_cache()
+
+
+def env_without_compilation_cache(**extra) -> dict:
+    """``os.environ`` plus ``extra``, without the session's compilation cache (see above)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(extra)
+    return env
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -123,7 +123,7 @@ def test_gpt_oss_20b_expert_bytes_per_device():
     assert per_device == pytest.approx(total / 8, rel=0.02)  # only norms/sinks/biases stay whole
 
 
-def test_partitioned_encode_compiles_for_a_tpu_topology(monkeypatch):
+def test_partitioned_encode_compiles_for_a_tpu_topology(monkeypatch, no_persistent_compilation_cache):
     """The shard_map MoE (ragged_dot per shard, MXFP4 decoded per shard) compiles with libtpu for
     v5p-8 (4 chips, fsdp=4) from abstract weights; no TPU needed."""
     pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is not installed")

@@ -3,12 +3,13 @@ step with splash attention for one host and two hosts, the printed figures, and 
 cannot fit."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import env_without_compilation_cache
 
 from lens_jax.train import topologies
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING or "libtpu is inst
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = env_without_compilation_cache(PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "lens_jax.train.cli", "compile", *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 

@@ -1,12 +1,13 @@
 """lens-sample compile for TPU hosts from this CPU host: the tiny denoiser with splash attention,
 the tiny random text encoder and VAE, one host of a one-host and of a two-host topology."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import env_without_compilation_cache
 
 from lens_jax.train import topologies
 
@@ -62,7 +63,7 @@ def test_tiny_sampler_compiles_sharded(one_host):
 
 
 def test_cli_rejects_a_batch_the_host_cannot_split():
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = env_without_compilation_cache(PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "lens_jax.sampling.cli", "compile", "--topology",
                              "v5p-8", "--batch", "3"], capture_output=True, text=True, env=env,
                             cwd=REPO, timeout=300)
