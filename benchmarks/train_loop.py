@@ -16,7 +16,6 @@ Prints both and the ratio loop / step (goal: at most 1.05).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -42,19 +41,14 @@ def main() -> None:
     from lens_jax.train import loop
     from lens_jax.train.trainer import Trainer
 
-    config = importlib.import_module(f"configs.{args.config}").get_config()
+    from lens_jax.train import config_files
+
+    config_path = Path(__file__).resolve().parents[1] / "configs" / f"{args.config}.py"
+    try:  # lens-train's own --config.FIELD=VALUE parsing (types, a typo named with its nearest fields)
+        config = config_files.load(str(config_path), [f"--config.{item}" for item in args.set])
+    except ValueError as e:
+        p.error(str(e))
     config.data.path = args.data
-    for item in args.set:
-        field, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set {item!r}: expected FIELD=VALUE")
-        parent, _, name = field.rpartition(".")
-        node = config
-        for part in filter(None, parent.split(".")):
-            node = node[part]
-        if name not in node:
-            p.error(f"--set {item!r}: the {args.config} config has no field {field!r}")
-        node[name] = type(node[name])(value) if not isinstance(node[name], bool) else value == "True"
     tmp = tempfile.mkdtemp()
     if config.data.tokenizer == "words":  # the demo's word tokenizer (lens_jax.demo writes it)
         from lens_jax.demo import write_word_tokenizer
