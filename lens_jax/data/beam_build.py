@@ -216,6 +216,28 @@ def pipeline_options(pipeline_args: Sequence[str] = (), workers: int = 1):
     return options
 
 
+def local_runner(options):
+    """On the DirectRunner (the default), Beam's FnApiRunner itself, with the pipeline's options;
+    otherwise ``None`` (``beam.Pipeline`` builds the runner that ``--runner`` names).
+
+    apache-beam's DirectRunner first tries its Prism runner, which fetches a Go binary from
+    github.com when the pipeline starts; offline, that fails after a network lookup, leaves an
+    empty ``beam-temp*`` folder in the temporary directory and falls back to the FnApiRunner. So
+    a local build never depends on the network, and runs on the runner its tests use."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    if options.view_as(StandardOptions).runner not in ("DirectRunner", "direct"):
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    # the pipeline options reach the SDK workers (multi-processing) as the DirectRunner passes them
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
 @contextlib.contextmanager
 def output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
     """A fresh temporary folder beside ``out_dir`` (local or ``gs://``) that becomes ``out_dir``
@@ -264,7 +286,7 @@ def run(parts: Sequence[Any], read_part: Callable[[Any], Iterable[Item | Skip]],
 
     options = pipeline_options(pipeline_args, workers)
     with output_folder(out_dir, overwrite=overwrite) as folder:
-        pipeline = beam.Pipeline(options=options)
+        pipeline = beam.Pipeline(runner=local_runner(options), options=options)
         build_pipeline(pipeline, parts, read_part, folder, num_shards=num_shards, source=source,
                        dedup=dedup)
         result = pipeline.run()

@@ -2,6 +2,8 @@
 as the local build; nothing left under the output name when it fails."""
 
 import os
+import socket
+import tempfile
 
 import pytest
 from PIL import Image
@@ -55,6 +57,30 @@ def test_same_bytes_and_report_as_local_build(folder, tmp_path, num_shards, work
     assert counters == {**report.counts(), beam_build.WRITTEN: 8}
     assert len(records.list_shards(tmp_path / "beam")) == min(num_shards, 8)
     assert sorted(os.listdir(tmp_path)) == ["beam", "local"]  # no temporary folder left
+
+
+def test_default_runner_stays_local(folder, tmp_path, monkeypatch):
+    """The DirectRunner build runs on Beam's FnApiRunner: it never tries Prism, which looks up
+    github.com for a binary at run time and, offline, leaves a beam-temp* folder behind."""
+    looked_up = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    options = beam_build.pipeline_options([], workers=1)
+    assert type(beam_build.local_runner(options)).__name__ == "FnApiRunner"
+    assert beam_build.local_runner(beam_build.pipeline_options(["--runner", "DataflowRunner"])) is None
+    report, _ = beam_build.run(beam_build.chunks(build.folder_items(folder), 3), beam_build.read_list,
+                               tmp_path / "beam", what="imgs", workers=1)
+    assert report.summary()["written"] == 10
+    assert [h for h in looked_up if h not in ("localhost", "127.0.0.1", "::1")] == []
+    assert os.listdir(scratch) == []
 
 
 def test_cli_default_runner_is_beam_and_matches_local(folder, tmp_path, capsys):
