@@ -31,6 +31,11 @@ new word (existing ids unchanged; the frozen text table already has a row for it
 on), ``lens-eval layout`` on held-out one-object prompts of the new colour and, as a check that
 the old colours did not collapse, the same layouts in their original colours, before (base model)
 and after (base + LoRA); then ``lens-train export --lora`` and a before/after table.
+
+``make demo`` (and ``make ablation``, ``make demo-lora``) runs these with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: glibc then asks for transparent huge pages for the
+memory XLA:CPU allocates afresh at every step, and training steps take ~15% less time on a 2-core
+CPU (Makefile ``CPU_ENV``, docs/demo.md). Set it yourself when you run this module by hand.
 """
 
 from __future__ import annotations
