@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # the kernel faults in and zeroes 4 KiB pages (~29k page faults a step). glibc's
 # `glibc.malloc.hugetlb=1` tunable asks for transparent huge pages on what malloc maps
 # (madvise(MADV_HUGEPAGE): used where /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or
-# "always", a no-op elsewhere): 20x fewer faults and ~15% faster demo training steps on the 2-core
+# "always", a no-op elsewhere): 20x fewer faults and ~17% faster demo training steps on the 2-core
 # CPU (docs/demo.md). Appended to any GLIBC_TUNABLES of the caller; `make demo CPU_ENV=` turns it off.
 CPU_ENV ?= GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 

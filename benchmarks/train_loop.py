@@ -38,10 +38,8 @@ def main() -> None:
     args = p.parse_args()
 
     from lens_jax.data.pipeline import make_pipeline
-    from lens_jax.train import loop
+    from lens_jax.train import config_files, loop
     from lens_jax.train.trainer import Trainer
-
-    from lens_jax.train import config_files
 
     config_path = Path(__file__).resolve().parents[1] / "configs" / f"{args.config}.py"
     try:  # lens-train's own --config.FIELD=VALUE parsing (types, a typo named with its nearest fields)

@@ -34,7 +34,7 @@ and after (base + LoRA); then ``lens-train export --lora`` and a before/after ta
 
 ``make demo`` (and ``make ablation``, ``make demo-lora``) runs these with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: glibc then asks for transparent huge pages for the
-memory XLA:CPU allocates afresh at every step, and training steps take ~15% less time on a 2-core
+memory XLA:CPU allocates afresh at every step, and training steps take ~17% less time on a 2-core
 CPU (Makefile ``CPU_ENV``, docs/demo.md). Set it yourself when you run this module by hand.
 """
 
