@@ -66,7 +66,7 @@ def main() -> None:
     trainer = Trainer(config)
     state = trainer.init_state()
     it = make_pipeline(loop._data_config(config, trainer.mesh), mesh=None)
-    batches = [trainer.put_batch(next(it)) for _ in range(args.steps)]
+    batches = [trainer.put_batch(trainer.prepare_batch(next(it))) for _ in range(args.steps)]
     it.close()
     state, m = trainer.step(state, batches[0])  # compile
     jax.block_until_ready(m)

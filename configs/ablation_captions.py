@@ -50,6 +50,7 @@ def get_config(arm: str = "dense") -> ml_collections.ConfigDict:
         config.text_encoder.kind = "gpt_oss"
         config.text_encoder.path = "toy"      # resolved by lens_jax.demo; by hand: the folder
         config.text_encoder.dtype = "float32"
+        config.text_encoder.cache_features = True   # each caption encoded once (as demo_toy_lm)
         config.model.enc_hidden_dim = toy.hidden_size
         config.model.selected_layer_index = toy.selected_layers
     return config

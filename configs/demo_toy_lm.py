@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.text_encoder.kind = "gpt_oss"
     config.text_encoder.path = "toy"        # resolved by lens_jax.demo; by hand: the folder
     config.text_encoder.dtype = "float32"   # the CPU computes float32 faster than bfloat16
+    # Each distinct caption is encoded once, on the host, and its features reused at every epoch
+    # (lens_jax.train.text_feature_cache): the step does not run the 8-layer encoder over its
+    # 32 caption slots again and again.
+    config.text_encoder.cache_features = True
     config.model.enc_hidden_dim = toy.hidden_size                # 64
     config.model.selected_layer_index = toy.selected_layers      # (1, 3, 5, 7) of 8
     return config

@@ -253,7 +253,8 @@ def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
 
 def abstract_batch(config: ml_collections.ConfigDict, rows: int, sharding) -> dict:
     """The step's batch (``rows`` packed rows, every host together) as abstract arrays: the keys
-    of ``lens_jax.data.packing.build_batch`` (``latents`` instead of ``image_patches`` for ``image_encoder=vae``)."""
+    of ``lens_jax.data.packing.build_batch`` (``latents`` instead of ``image_patches`` for ``image_encoder=vae``,
+    ``text_features`` added for ``text_encoder.cache_features``)."""
     from lens_jax.data.packing import build_batch
     from lens_jax.data.pipeline import pixel_dtype
 
@@ -266,6 +267,10 @@ def abstract_batch(config: ml_collections.ConfigDict, rows: int, sharding) -> di
         del batch["image_patches"]
         batch["latents"] = _sds((rows, int(d.image_tokens), int(config.model.in_channels)),
                                 jnp.float32, sharding)
+    if config.text_encoder.get("cache_features", False):  # lens_jax.train.text_feature_cache
+        m = config.model
+        batch["text_features"] = _sds((rows, int(d.text_tokens), len(m.selected_layer_index),
+                                       int(m.enc_hidden_dim)), jnp.float32, sharding)
     return batch
 
 

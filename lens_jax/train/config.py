@@ -96,6 +96,9 @@ def train_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     #                                   one: lens_jax.train.toy_text_encoder), or "random"
     c.text_encoder.dtype = "bfloat16" # gpt_oss folder: parameter/compute dtype of the loaded encoder
     #                                   (GPT-OSS-20B: bfloat16; a toy one on the CPU: "float32")
+    c.text_encoder.cache_features = False  # gpt_oss: encode each distinct caption once, on the host,
+    #                                   and reuse its features (exact: the encoder is frozen); for a
+    #                                   small encoder and corpus (lens_jax.train.text_feature_cache)
     c.text_encoder.vocab_size = 256   # embedding: table rows (token ids must be below this)
     c.text_encoder.seed = 1234        # embedding / random encoders: init seed
     c.text_encoder.std = 1.0

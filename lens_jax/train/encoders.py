@@ -1,7 +1,8 @@
 """The frozen encoders of a training run: the arrays they need inside the jitted step
 (``build_frozen``), where those live (``frozen_shardings``), and the encoding of a batch inside
 the step (``encode_inputs``: the DCT / embedding stand-ins of ``lens_jax.train.stand_ins``, or
-GPT-OSS). The VAE runs on the host's devices before the step (``lens_jax.train.vae_encoding``).
+GPT-OSS). The VAE runs on the host's devices before the step (``lens_jax.train.vae_encoding``), and
+so does GPT-OSS with ``text_encoder.cache_features`` (``caption_feature_cache``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,25 @@ def text_encoder(config: ml_collections.ConfigDict):
                               str(te.get("dtype", "bfloat16")))
 
 
+def caption_feature_cache(config: ml_collections.ConfigDict, preamble: int):
+    """The host-side ``CaptionFeatureCache`` of ``text_encoder.cache_features`` (None when off):
+    the run's GPT-OSS on this process's first device, outside the step."""
+    te, m = config.text_encoder, config.model
+    if not te.get("cache_features", False):
+        return None
+    if te.kind != "gpt_oss":
+        raise ValueError(f"config.text_encoder.cache_features=True needs text_encoder.kind='gpt_oss' "
+                         f"(got {te.kind!r}, whose features are a table lookup inside the step)")
+    from lens_jax.train.text_feature_cache import CaptionFeatureCache
+
+    enc = text_encoder(config)
+
+    def encode_rows(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        return [np.asarray(o, np.float32) for o in enc(ids, mask)]
+
+    return CaptionFeatureCache(encode_rows, preamble, len(m.selected_layer_index), int(m.enc_hidden_dim))
+
+
 def dct_scales(config: ml_collections.ConfigDict) -> np.ndarray:
     """``[C]`` per-coefficient multipliers of the DCT stand-in (``stand_ins.dct_scales``)."""
     ie = config.image_encoder
@@ -110,7 +130,10 @@ def encode_inputs(config: ml_collections.ConfigDict, frozen: dict, batch: dict, 
         latents = stand_ins.patches_to_latents(batch["image_patches"], frozen["dct"], dct_scales(config))
     else:
         latents = batch["latents"]
-    if te.kind == "embedding":
+    if "text_features" in batch:  # text_encoder.cache_features: [B, Nt, S, E], made on the host
+        tf = batch["text_features"]
+        feats = [tf[:, :, i].astype(jnp.float32) for i in range(tf.shape[2])]
+    elif te.kind == "embedding":
         ids = stand_ins.denoiser_text_ids(batch["caption_ids"], batch["text_index"], preamble)
         feats = stand_ins.embedding_features(frozen["text_tables"], ids, batch["text_segment_ids"])
     else:

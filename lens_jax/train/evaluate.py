@@ -50,6 +50,7 @@ def heldout_losses(trainer, params, batches: list[dict], sigmas, seed: int = 0) 
                                          sigma=fixed)
         return total, m["images"]
 
+    batches = [trainer.prepare_batch(b) for b in batches]   # text_encoder.cache_features
     out = {}
     for sigma in sigmas:
         total, images = 0.0, 0.0

@@ -1,8 +1,8 @@
 """The training loop of ``lens-train``: restore or init, then steps until ``config.num_steps``.
 
 The device never waits for the host:
-- the next batch is read and VAE-encoded (``image_encoder.kind="vae"``) by a background thread
-  (``BatchFeed``) while the current step runs, and put on the devices (asynchronously) by the main
+- the next batch is read, VAE-encoded (``image_encoder.kind="vae"``) and given its cached text
+  features (``text_encoder.cache_features``) by a background thread (``BatchFeed``) while the current step runs, and put on the devices (asynchronously) by the main
   thread right before its step is dispatched: every program that spans several processes is
   launched from one thread, in the same order on every process;
 - a step's metrics stay on the device until the next step has been dispatched; only then is its
@@ -196,7 +196,8 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
                     "raise --config.num_steps to train further", workdir, start, num_steps)
 
     def prepare(batch: dict) -> dict:
-        return vae_encoder(batch) if vae_encoder is not None else batch
+        batch = vae_encoder(batch) if vae_encoder is not None else batch
+        return trainer.prepare_batch(batch)   # text_encoder.cache_features
 
     writer = MetricWriter(workdir, config.logging, enabled=primary)
     flops = StepFlops(config.model)
@@ -297,4 +298,6 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
         if progress is not None:
             progress.close()
         data_iter.close()
+        if trainer.text_cache is not None:
+            log.info("text feature cache: %s", trainer.text_cache.summary())
     return state

@@ -58,6 +58,8 @@ class Trainer:
         frozen = encoders.build_frozen(config) if with_encoders else {}
         self.frozen_shardings = encoders.frozen_shardings(config, frozen, self.mesh, self.rules)
         self.frozen = jax.device_put(frozen, self.frozen_shardings)
+        self.text_cache = (encoders.caption_feature_cache(config, self.preamble)
+                           if with_encoders else None)
         self.state_shardings = self._state_shardings()
         self._step_fn = None
 
@@ -233,6 +235,11 @@ class Trainer:
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         return self.step_fn(batch)(state, batch, self.frozen)
+
+    def prepare_batch(self, host_batch: dict) -> dict:
+        """Host work on a pipeline batch before ``put_batch``: the cached text features of
+        ``text_encoder.cache_features`` (``encoders.caption_feature_cache``); else the batch as is."""
+        return self.text_cache(host_batch) if self.text_cache is not None else host_batch
 
     def put_batch(self, host_batch: dict) -> dict:
         """Per-host numpy batch -> global arrays sharded over the batch axes."""
