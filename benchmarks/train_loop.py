@@ -1,9 +1,11 @@
 """The loop's cost over the step: ``lens-train``'s loop against the compiled step alone, same shapes.
 
-    .venv/bin/python benchmarks/train_loop.py --data DIR [--config tiny|demo] [--steps 60] [--set data.resample=bicubic]
+    .venv/bin/python benchmarks/train_loop.py --data DIR [--config tiny|demo|...] [--steps 60] [--set data.resample=bicubic]
 
 ``DIR``: synthetic-shapes records (``lens-data synth-shapes --base-size 64`` for tiny, ``--base-size
-96 --groups 512`` for demo). In one process:
+96 --groups 512`` for demo and the toy-LM configs, which also need ``--set
+text_encoder.path=FOLDER``: a toy LM trained with the same word tokenizer, e.g. ``OUT/text_encoder``
+of ``python -m lens_jax.demo --config configs/demo_toy_lm.py --out OUT``). In one process:
 1. the loop: ``lens_jax.train.loop.train`` for ``--steps`` steps (data pipeline, batch feed,
    non-finite checks, metrics every ``logging.every`` steps, no checkpoint until the end);
    its time per step is the mean ``step_time_s`` of metrics.jsonl after the first log row
@@ -31,7 +33,9 @@ import jax  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--config", default="tiny", choices=("tiny", "demo"))
+    p.add_argument("--config", default="tiny",
+                   help="a config of configs/ by name, with its argument if it takes one: tiny, "
+                   "demo, demo_toy_lm, ablation_captions:dense_toy_lm (default tiny)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set data.resample=bicubic (repeatable)")
@@ -41,9 +45,10 @@ def main() -> None:
     from lens_jax.train import config_files, loop
     from lens_jax.train.trainer import Trainer
 
-    config_path = Path(__file__).resolve().parents[1] / "configs" / f"{args.config}.py"
+    name, colon, arg = args.config.partition(":")
+    config_path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
     try:  # lens-train's own --config.FIELD=VALUE parsing (types, a typo named with its nearest fields)
-        config = config_files.load(str(config_path), [f"--config.{item}" for item in args.set])
+        config = config_files.load(str(config_path) + colon + arg, [f"--config.{item}" for item in args.set])
     except ValueError as e:
         p.error(str(e))
     config.data.path = args.data

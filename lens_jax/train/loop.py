@@ -2,9 +2,11 @@
 
 The device never waits for the host:
 - the next batch is read, VAE-encoded (``image_encoder.kind="vae"``) and given its cached text
-  features (``text_encoder.cache_features``) by a background thread (``BatchFeed``) while the current step runs, and put on the devices (asynchronously) by the main
-  thread right before its step is dispatched: every program that spans several processes is
-  launched from one thread, in the same order on every process;
+  features (``text_encoder.cache_features``) by a background thread (``BatchFeed``) while the
+  current step runs, and put on the devices (asynchronously) by the main thread right before its
+  step is dispatched: every program that spans several processes is launched from one thread, in
+  the same order on every process (the VAE and the cached text encoder run on this host's devices
+  only);
 - a step's metrics stay on the device until the next step has been dispatched; only then is its
   loss fetched (the non-finite check) and, at logging steps, the rest of its metrics;
 - the host waits for a step only before saving it or sampling from it.
