@@ -687,8 +687,7 @@ class TextEncoder(nnx.Module):
                 raise ValueError(f"input_ids outside 0..{self.config.vocab_size - 1}: "
                                  f"min {input_ids.min()}, max {input_ids.max()}")
         if isinstance(attention_mask, np.ndarray) and attention_mask.ndim == 2:
-            m = attention_mask.astype(bool)
-            if (m[:, 1:] & ~m[:, :-1]).any():
+            if not is_right_padded(attention_mask):
                 raise ValueError("attention_mask is not right-padded (a valid token follows a padded "
                                  "one); the encoder assumes right padding, positions 0..L-1")
         input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -706,6 +705,12 @@ class TextEncoder(nnx.Module):
     @property
     def dtype(self) -> jnp.dtype:
         return self.embed[...].dtype
+
+
+def is_right_padded(mask: np.ndarray) -> bool:
+    """Whether no valid token follows a padded one in any row of ``mask [..., L]`` (host array)."""
+    m = np.asarray(mask).astype(bool)
+    return not (m[..., 1:] & ~m[..., :-1]).any()
 
 
 def check_layers(layers: Sequence[int], num_hidden_layers: int) -> tuple[int, ...]:

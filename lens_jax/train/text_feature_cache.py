@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from lens_jax.models.text_encoder import is_right_padded
+
 # ids [M, L] int32, mask [M, L] bool -> one [M, L, E] float32 array per selected layer
 EncodeRows = Callable[[np.ndarray, np.ndarray], Sequence[np.ndarray]]
 
@@ -92,7 +94,7 @@ class CaptionFeatureCache:
         text_segment_ids = np.asarray(batch["text_segment_ids"])     # [B, Nt], 0 = padding
         b, k, length = ids.shape
         lengths = mask.sum(-1).reshape(-1)
-        if (mask.reshape(b * k, length)[:, 1:] & ~mask.reshape(b * k, length)[:, :-1]).any():
+        if not is_right_padded(mask):
             raise ValueError("caption_mask is not right-padded: the text feature cache assumes "
                              "each caption's tokens come first (positions 0..n-1)")
         keys = self._fill(ids.reshape(b * k, length), lengths)
