@@ -45,12 +45,31 @@ def agree_any(**flags: bool) -> dict[str, bool]:
     return {n: bool(seen[:, i].any()) for i, n in enumerate(names)}
 
 
-def barrier(name: str) -> None:
-    """Every process waits here until all have arrived (no-op in a single process)."""
-    if jax.process_count() > 1:
+# How long ``barrier`` waits for the slowest process: a host compiling the full model for a TPU
+# slice, or restoring a checkpoint, can take minutes longer than the others.
+BARRIER_TIMEOUT_S = 3600
+_barrier_uses: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Every process waits here until all have arrived (no-op in a single process).
+
+    A barrier of ``jax.distributed``'s coordination service, as orbax's, not a device collective:
+    it runs no program, so its own first use cannot time out (gloo gives up on a collective's
+    first use after a fixed 30 s), and it waits up to ``timeout_s``. ``name`` says in the error
+    where a process was left waiting; every process must pass the same names in the same order."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed   # the client jax.distributed.initialize made
+
+    client = distributed.global_state.client
+    if client is None:   # several processes without jax.distributed: a device collective
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        return
+    uses = _barrier_uses[name] = _barrier_uses.get(name, 0) + 1   # a barrier id is used once
+    client.wait_at_barrier(f"{name} #{uses}", int(timeout_s * 1000))
 
 
 class Preemption:

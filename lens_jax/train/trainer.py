@@ -25,7 +25,7 @@ from lens_jax.models.transformer import LensTransformer, abstract_model
 from lens_jax import sharding
 from lens_jax.sharding import use_rules
 from lens_jax.train import mesh as mesh_lib
-from lens_jax.train import encoders, objective, optim
+from lens_jax.train import encoders, hosts, objective, optim
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Trainer:
                            if with_encoders else None)
         self.state_shardings = self._state_shardings()
         self._step_fn = None
+        self._step_by_shape: dict[tuple, Callable] = {}   # batch shapes -> compiled step
 
     # -- state ------------------------------------------------------------------------------------
     def _abstract_state_tree(self) -> dict:
@@ -234,7 +235,20 @@ class Trainer:
         return self._step_fn
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        return self.step_fn(batch)(state, batch, self.frozen)
+        """One training step, dispatched asynchronously. The first step of each batch shape is
+        compiled here, then every process waits for the others (``hosts.barrier``) before running
+        it: on multi-process CPU (gloo) a collective's first use fails when its processes arrive
+        more than 30 s apart, which a compile finishing earlier on one host would otherwise cause."""
+        shapes = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+        run = self._step_by_shape.get(shapes)
+        if run is None:
+            run = self.step_fn(batch)
+            if hasattr(run, "lower"):   # jitted here (not lens-train compile's executable)
+                run = run.lower(state, batch, self.frozen).compile()
+            hosts.barrier("lens_jax.train.first_step " + " ".join(
+                f"{k}={'x'.join(map(str, shape))}" for k, shape, _ in shapes))
+            self._step_by_shape[shapes] = run
+        return run(state, batch, self.frozen)
 
     def prepare_batch(self, host_batch: dict) -> dict:
         """Host work on a pipeline batch before ``put_batch``: the cached text features of
