@@ -45,9 +45,12 @@ def agree_any(**flags: bool) -> dict[str, bool]:
     return {n: bool(seen[:, i].any()) for i, n in enumerate(names)}
 
 
-# How long ``barrier`` waits for the slowest process: a host compiling the full model for a TPU
-# slice, or restoring a checkpoint, can take minutes longer than the others.
-BARRIER_TIMEOUT_S = 3600
+# How long ``barrier`` waits for the slowest process: a host that compiles the full model for a
+# TPU slice while the others found it in the persistent compilation cache is minutes behind them.
+# A process that died stops the others sooner (jax.distributed's heartbeat); processes waiting at
+# different barriers (e.g. batch shapes that differ between hosts) fail after this long, each
+# error naming its barrier.
+BARRIER_TIMEOUT_S = 1800
 _barrier_uses: dict[str, int] = {}
 
 
