@@ -65,14 +65,8 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
         return
     from jax._src import distributed   # the client jax.distributed.initialize made
 
-    client = distributed.global_state.client
-    if client is None:   # several processes without jax.distributed: a device collective
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-        return
     uses = _barrier_uses[name] = _barrier_uses.get(name, 0) + 1   # a barrier id is used once
-    client.wait_at_barrier(f"{name} #{uses}", int(timeout_s * 1000))
+    distributed.global_state.client.wait_at_barrier(f"{name} #{uses}", int(timeout_s * 1000))
 
 
 class Preemption:

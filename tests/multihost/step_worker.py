@@ -65,10 +65,9 @@ def run_layout(config, batch: dict, late_s: float = 0.0) -> tuple[list[float], d
 def main(argv: list[str]) -> None:
     import jax
 
-    args = dict(a.split("=", 1) for a in argv if a.startswith("--config.") and "=" in a)
+    args = dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     workdir = Path(argv[argv.index("--workdir") + 1])
-    late_s = float(dict(a.split("=", 1) for a in argv if a.startswith("--late-")).get(
-        "--late-first-step-s", 0))
+    late_s = float(args.get("--late-first-step-s", 0))
     jax.distributed.initialize(args["--config.coordinator_address"],
                                int(args["--config.num_processes"]), int(args["--config.process_id"]))
     for i, layout in enumerate(LAYOUTS):
