@@ -83,15 +83,24 @@ def _xla_attention_bwd(residuals, d_out):
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
+CUDNN_SEQ_MULTIPLE = 128  # cuDNN's flash backward rejected 4511 tokens (H200, jax 0.11.2); 4608 ran
+
+
 def cudnn_attention(q, k, v, segment_ids, implementation: str = "cudnn"):
     """cuDNN flash attention (``jax.nn.dot_product_attention``, GPU, bf16/fp16) for rows holding
     ONE segment plus padding anywhere (``packed=False``), without a mask array.
 
     Valid tokens are moved to the front (stable order; attention does not depend on token order),
     attended with ``query/key_value_seq_lengths`` = their count, and moved back; padding queries
-    get finite values (zeros). Wrong for packed rows (several segments): ``pallas_gpu_attention``.
+    get finite values (zeros). The sequence is padded (segment 0) to a multiple of
+    ``CUDNN_SEQ_MULTIPLE``. Wrong for packed rows (several segments): ``pallas_gpu_attention``.
     ``implementation="xla"`` runs the same reordering through XLA (the CPU test).
     """
+    n = q.shape[1]
+    padded = -(-n // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE
+    pad = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])
     valid = segment_ids != 0
     order = jnp.argsort(~valid, axis=1, stable=True)  # [B, N]: valid tokens first
     inverse = jnp.argsort(order, axis=1)
@@ -103,7 +112,7 @@ def cudnn_attention(q, k, v, segment_ids, implementation: str = "cudnn"):
     out = jax.nn.dot_product_attention(take(q, order), take(k, order), take(v, order),
                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                        implementation=implementation)
-    return take(out, inverse)
+    return take(out, inverse)[:, :n]
 
 
 def pallas_gpu_attention(q, k, v, segment_ids, block_size: int = 128, interpret: bool = False):
@@ -142,9 +151,10 @@ def pallas_gpu_attention(q, k, v, segment_ids, block_size: int = 128, interpret:
 
 
 def gpu_attention(q, k, v, segment_ids, packed: bool = True):
-    """The GPU path: ``pallas_gpu_attention`` for packed rows, ``cudnn_attention`` where each row
-    is one segment plus padding (``packed=False``: data ``mode="bucket"``, the sampler)."""
-    if packed:
+    """The GPU path: ``cudnn_attention`` where each row is one segment plus padding (``packed=False``:
+    data ``mode="bucket"``, the sampler) in bf16/fp16, the only dtypes cuDNN's flash attention takes;
+    ``pallas_gpu_attention`` for packed rows and for float32 compute."""
+    if packed or q.dtype not in (jnp.bfloat16, jnp.float16):
         return pallas_gpu_attention(q, k, v, segment_ids)
     return cudnn_attention(q, k, v, segment_ids)
 

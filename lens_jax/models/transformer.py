@@ -135,11 +135,17 @@ def timestep_features(t: jax.Array, dim: int = 256, scale: float = 1000.0) -> ja
 
 
 def per_token(per_segment: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """``[B, K, C]`` per-segment values -> ``[B, N, C]`` per token (padding takes segment 1's)."""
+    """``[B, K, C]`` per-segment values -> ``[B, N, C]`` per token (padding takes segment 1's).
+
+    A one-hot matmul, not a gather: a gather's gradient is a scatter-add of every token's ``[C]``
+    row into K rows (~N/K colliding adds per address, which a GPU serialises), the matmul's a dense
+    contraction over N. Exact in the forward pass: each output is one value times 1 (``HIGHEST``
+    keeps float32 values from being rounded to TF32 on GPUs)."""
     if per_segment.shape[1] == 1:
         return per_segment  # broadcasts over the tokens
-    index = jnp.clip(segment_ids - 1, 0, per_segment.shape[1] - 1)
-    return jnp.take_along_axis(per_segment, index[..., None], axis=1)
+    k = per_segment.shape[1]
+    onehot = jax.nn.one_hot(jnp.clip(segment_ids - 1, 0, k - 1), k, dtype=per_segment.dtype)  # [B, N, K]
+    return jnp.einsum("bnk,bkc->bnc", onehot, per_segment, precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.checkpoint

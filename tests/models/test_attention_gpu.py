@@ -88,12 +88,33 @@ def test_cudnn_padding_path_matches_xla():
                       single_segment())
 
 
-def test_gpu_dispatch_by_packed_flag(monkeypatch):
+def test_cudnn_sees_a_sequence_padded_to_its_multiple(monkeypatch):
+    """cuDNN's flash backward rejected 4511 tokens on an H200 (jax 0.11.2, 2026-12-04); the path
+    pads the sequence (segment 0) to ``CUDNN_SEQ_MULTIPLE`` and returns the caller's length."""
+    lengths = []
+    real = jax.nn.dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        lengths.append(q.shape[1])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    q, k, v = qkv()
+    out = attention_lib.cudnn_attention(q, k, v, single_segment(), implementation="xla")
+    assert out.shape == q.shape
+    assert lengths == [128] and N % attention_lib.CUDNN_SEQ_MULTIPLE != 0
+
+
+def test_gpu_dispatch_by_packed_flag_and_dtype(monkeypatch):
+    """Packed rows and float32 compute (which cuDNN's flash attention refuses) take the Pallas
+    kernel; one segment per row in bf16 takes cuDNN."""
     calls = []
     monkeypatch.setattr(attention_lib, "pallas_gpu_attention", lambda *a: calls.append("pallas"))
     monkeypatch.setattr(attention_lib, "cudnn_attention", lambda *a: calls.append("cudnn"))
     monkeypatch.setattr(attention_lib, "resolve", lambda choice, backend=None: "cudnn")
     q, k, v = qkv()
-    attention_lib.attention(q, k, v, single_segment(), "auto")
+    qb, kb, vb = (t.astype(jnp.bfloat16) for t in (q, k, v))
+    attention_lib.attention(qb, kb, vb, single_segment(), "auto")
+    attention_lib.attention(qb, kb, vb, single_segment(), "auto", packed=False)
     attention_lib.attention(q, k, v, single_segment(), "auto", packed=False)
-    assert calls == ["pallas", "cudnn"]
+    assert calls == ["pallas", "cudnn", "pallas"]

@@ -264,3 +264,24 @@ def test_one_image_per_row_tells_attention_it_is_not_packed(tiny_pair, monkeypat
     model.forward_packed(lat, image_positions(2, 3)[None], img_seg, feats,
                          text_positions(2, 3, 4)[None], np.ones((1, 4), np.int32), t[:, None])
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_per_token_is_an_exact_lookup_whose_gradient_has_no_scatter(dtype):
+    """Per-segment values spread to their tokens: bit-equal to a gather, and differentiated without
+    a scatter-add (on an H200 a packed training step cost ~3.5x more per token than the one-image
+    denoiser, with two ~1,000-way colliding scatters per block: docs/benchmarks.md "GPU")."""
+    from lens_jax.models.transformer import per_token
+
+    rng = np.random.default_rng(0)
+    values = jnp.asarray(rng.standard_normal((2, 5, 48)), dtype)
+    segment_ids = jnp.asarray(rng.integers(0, 6, (2, 37)), jnp.int32)  # 0 = padding -> segment 1
+    gathered = jnp.take_along_axis(values, jnp.clip(segment_ids - 1, 0, 4)[..., None], axis=1)
+    assert bool((per_token(values, segment_ids) == gathered).all())
+    weights = jnp.asarray(rng.standard_normal((2, 37, 48)), dtype)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum((per_token(v, segment_ids) * weights).astype(jnp.float32))))
+    assert "scatter" not in grad.lower(values).as_text()
+    expected = jax.grad(lambda v: jnp.sum(jnp.take_along_axis(v, jnp.clip(segment_ids - 1, 0, 4)[..., None], axis=1)
+                                          * weights.astype(jnp.float32)))(values.astype(jnp.float32))
+    got = np.asarray(grad(values), np.float32)
+    assert max_rel_err(got, np.asarray(expected)) <= (0 if dtype == jnp.float32 else 4e-3)

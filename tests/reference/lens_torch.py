@@ -43,7 +43,7 @@ class TimeTextEmbed(nn.Module):
 
     def forward(self, timestep, dtype):
         half = 128
-        exponent = -math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half
+        exponent = -math.log(10000) * torch.arange(0, half, dtype=torch.float32, device=timestep.device) / half
         emb = timestep[:, None].float() * torch.exp(exponent)[None, :]
         emb = 1000 * emb
         emb = torch.cat([torch.cos(emb), torch.sin(emb)], dim=-1)  # flip_sin_to_cos
@@ -63,16 +63,16 @@ class GateMLP(nn.Module):
 
 
 def rope_axis_table(d: int, positions: torch.Tensor) -> torch.Tensor:
-    freqs = 1.0 / torch.pow(10000.0, torch.arange(0, d, 2, dtype=torch.float32) / d)
+    freqs = 1.0 / torch.pow(10000.0, torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
     angles = torch.outer(positions.to(torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)  # complex64 [N, d/2]
 
 
-def image_rope(h: int, w: int, axes=(8, 28, 28)) -> torch.Tensor:
+def image_rope(h: int, w: int, axes=(8, 28, 28), device=None) -> torch.Tensor:
     """Complex factors [h*w, head_dim/2]: frame 0, centred rows and columns."""
-    rows = torch.arange(h) - (h - h // 2)
-    cols = torch.arange(w) - (w - w // 2)
-    f = rope_axis_table(axes[0], torch.zeros(1))[0]                      # [4]
+    rows = torch.arange(h, device=device) - (h - h // 2)
+    cols = torch.arange(w, device=device) - (w - w // 2)
+    f = rope_axis_table(axes[0], torch.zeros(1, device=device))[0]                      # [4]
     hr = rope_axis_table(axes[1], rows)                                   # [h, 14]
     wc = rope_axis_table(axes[2], cols)                                   # [w, 14]
     f = f[None, None].expand(h, w, -1)
@@ -81,9 +81,9 @@ def image_rope(h: int, w: int, axes=(8, 28, 28)) -> torch.Tensor:
     return torch.cat([f, hr, wc], dim=-1).reshape(h * w, -1)
 
 
-def text_rope(h: int, w: int, n: int, axes=(8, 28, 28)) -> torch.Tensor:
+def text_rope(h: int, w: int, n: int, axes=(8, 28, 28), device=None) -> torch.Tensor:
     start = max(h // 2, w // 2)
-    pos = torch.arange(start, start + n)
+    pos = torch.arange(start, start + n, device=device)
     return torch.cat([rope_axis_table(d, pos) for d in axes], dim=-1)
 
 
@@ -179,16 +179,17 @@ class LensTransformerReference(nn.Module):
         n_txt = encoder_hidden_states[0].shape[1]
         mask = None
         if encoder_hidden_states_mask is not None:
-            valid = torch.cat([torch.ones(b, n_img, dtype=torch.bool), encoder_hidden_states_mask], 1)
-            mask = torch.zeros(b, 1, 1, n_img + n_txt, dtype=hidden_states.dtype)
+            valid = torch.cat([torch.ones(b, n_img, dtype=torch.bool, device=hidden_states.device),
+                               encoder_hidden_states_mask], 1)
+            mask = torch.zeros(b, 1, 1, n_img + n_txt, dtype=hidden_states.dtype, device=hidden_states.device)
             mask = mask.masked_fill(~valid[:, None, None, :], float("-inf"))
         x = self.img_in(hidden_states)
         timestep = timestep.to(hidden_states.dtype)
         c = self.txt_in(torch.cat([n(f) for n, f in zip(self.txt_norm, encoder_hidden_states)], -1)
                         .to(hidden_states.dtype))
         temb = self.time_text_embed(timestep, hidden_states.dtype)
-        img_freqs = image_rope(h, w, self.axes)
-        txt_freqs = text_rope(h, w, n_txt, self.axes)
+        img_freqs = image_rope(h, w, self.axes, hidden_states.device)
+        txt_freqs = text_rope(h, w, n_txt, self.axes, hidden_states.device)
         for block in self.transformer_blocks:
             c, x = block(x, c, temb, img_freqs, txt_freqs, mask)
         scale, shift = self.norm_out.linear(F.silu(temb)).chunk(2, dim=-1)
