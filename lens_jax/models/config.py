@@ -64,9 +64,18 @@ def mlp_hidden(c: ml_collections.ConfigDict) -> int:
     return int(width(c) / 3 * 8) if abs(c.mlp_ratio - 8 / 3) < 1e-9 else int(width(c) * c.mlp_ratio)
 
 
+# diffusers hard-codes RoPE theta 10000 (spec 1.1: "not in config"). A model trained with another
+# ``rope_theta`` (the toy configs) writes it as this extra key, which lens_jax reads back and diffusers
+# ignores: such a folder is only faithful in lens_jax. Absent for the released value.
+EXTRA_THETA_KEY = "lens_jax_rope_theta"
+DIFFUSERS_ROPE_THETA = 10000.0
+
+
 def from_diffusers_config(config_json: dict, **runtime) -> ml_collections.ConfigDict:
     """A ``transformer/config.json`` dict -> our config (unknown/absent fields keep the defaults)."""
     fields = {k: config_json[k] for k in DIFFUSERS_FIELDS if k in config_json}
+    if EXTRA_THETA_KEY in config_json:
+        fields["rope_theta"] = float(config_json[EXTRA_THETA_KEY])
     for k in ("axes_dims_rope", "selected_layer_index"):
         if k in fields:
             fields[k] = tuple(fields[k])
@@ -80,6 +89,8 @@ def to_diffusers_config(c: ml_collections.ConfigDict) -> dict:
         v = c[k]
         out[k] = list(v) if isinstance(v, tuple) else v
     out["inner_dim"] = width(c)
+    if float(c.rope_theta) != DIFFUSERS_ROPE_THETA:
+        out[EXTRA_THETA_KEY] = float(c.rope_theta)
     return out
 
 

@@ -180,3 +180,26 @@ def test_cli(source, tmp_path, capsys):
                                capture_output=True, text=True, check=True).stdout
     for flag in ("--src", "--out", "--dtype", "--overwrite", "--max-shard-size"):
         assert flag in help_text
+
+
+def test_a_non_default_rope_theta_survives_export_and_load(tmp_path):
+    """diffusers hard-codes RoPE theta 10000; a toy model trained with another theta writes it as
+    ``lens_jax_rope_theta`` (the released value writes nothing extra) and loads back exactly."""
+    from flax import nnx
+
+    from lens_jax.models import config as config_lib
+    from lens_jax.models.transformer import LensTransformer
+
+    assert config_lib.EXTRA_THETA_KEY not in config_lib.to_diffusers_config(tiny.get_model_config())
+    cfg = tiny.get_model_config(num_layers=1, rope_theta=100.0, dtype="float32", zero_init_modulation=False)
+    model = LensTransformer(cfg, rngs=nnx.Rngs(3))
+    out = lens_jax.save_transformer(model, tmp_path / "theta100")
+    assert json.loads((out / "config.json").read_text())[config_lib.EXTRA_THETA_KEY] == 100.0
+    loaded = lens_jax.load_transformer(out)
+    assert loaded.config.rope_theta == 100.0
+    latents, feats, timesteps = make_inputs(cfg, 1, 4, 6, 5)
+    args = (jnp.asarray(latents), [jnp.asarray(f) for f in feats], jnp.asarray(timesteps), (4, 6))
+    np.testing.assert_array_equal(np.asarray(model(*args)), np.asarray(loaded(*args)))
+    cfg_default = tiny.get_model_config(num_layers=1, dtype="float32", zero_init_modulation=False)
+    default = LensTransformer(cfg_default, rngs=nnx.Rngs(3))  # same weights, theta 10000
+    assert not np.array_equal(np.asarray(default(*args)), np.asarray(loaded(*args)))
