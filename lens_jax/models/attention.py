@@ -83,6 +83,15 @@ def _xla_attention_bwd(residuals, d_out):
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
+def pad_tokens(multiple: int, q, k, v, segment_ids):
+    """q, k, v ``[B, N, H, D]`` and segment ids ``[B, N]`` padded along N to a multiple of
+    ``multiple``; padding tokens are segment 0 (padding). The kernels' shared preamble."""
+    n = q.shape[1]
+    extra = -(-n // multiple) * multiple - n
+    q, k, v = (jnp.pad(t, [(0, 0), (0, extra), (0, 0), (0, 0)]) for t in (q, k, v))
+    return q, k, v, jnp.pad(segment_ids, [(0, 0), (0, extra)])
+
+
 CUDNN_SEQ_MULTIPLE = 128  # cuDNN's flash backward rejected 4511 tokens (H200, jax 0.11.2); 4608 ran
 
 
@@ -97,10 +106,7 @@ def cudnn_attention(q, k, v, segment_ids, implementation: str = "cudnn"):
     ``implementation="xla"`` runs the same reordering through XLA (the CPU test).
     """
     n = q.shape[1]
-    padded = -(-n // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE
-    pad = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
-    q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
-    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])
+    q, k, v, segment_ids = pad_tokens(CUDNN_SEQ_MULTIPLE, q, k, v, segment_ids)
     valid = segment_ids != 0
     order = jnp.argsort(~valid, axis=1, stable=True)  # [B, N]: valid tokens first
     inverse = jnp.argsort(order, axis=1)
@@ -128,10 +134,7 @@ def pallas_gpu_attention(q, k, v, segment_ids, block_size: int = 128, interpret:
 
     def kernel(q, k, v, segment_ids):
         b, n, h, d = q.shape
-        padded = -(-n // block_size) * block_size
-        pad = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
-        q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
-        seg = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])
+        q, k, v, seg = pad_tokens(block_size, q, k, v, segment_ids)
         blocks = dataclasses.replace(pallas_attention.BlockSizes.get_default(), block_q=block_size,
                                      block_k=block_size)
         out = pallas_attention.mha(q, k, v, seg, sm_scale=d ** -0.5, block_sizes=blocks,
@@ -186,10 +189,9 @@ def _splash_local(q, k, v, segment_ids, *, block_size: int, interpret: bool):
 
     b, n, h, d = q.shape
     block = min(block_size, max(128, -(-n // 128) * 128))
-    padded = -(-n // block) * block
-    pad = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
-    q, k, v = (jnp.pad(t, pad).transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, N', D]
-    seg = jnp.pad(segment_ids, [(0, 0), (0, padded - n)])  # padding keys are segment 0
+    q, k, v, seg = pad_tokens(block, q, k, v, segment_ids)  # padding keys are segment 0
+    padded = q.shape[1]
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, N', D]
     mha = kernel.make_splash_mha(
         mask=mask_lib.MultiHeadMask([mask_lib.FullMask((padded, padded))] * h),
         head_shards=1, q_seq_shards=1, interpret=interpret,
