@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lens_jax.lora.adapters import lora_delta, merge_adapter
 from lens_jax.models import attention as attention_lib
 from lens_jax.models import config as config_lib
-from lens_jax.models.cpu_matmul import dense_bf16
+from lens_jax.models.cpu_matmul import dense_for_cpu
 from lens_jax.models.positions import image_positions, text_positions
 from lens_jax.models.rope import apply_rope, rope_angles
 from lens_jax.sharding import constrain
@@ -95,13 +95,17 @@ class BlockStack(nnx.Module):
 
 # ----------------------------------------------------------------------------- pure math
 
+_CPU_DENSE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
 def dense(x: jax.Array, p: dict, dtype, n_in: int = 1) -> jax.Array:
     """Contracts the last ``n_in`` axes of ``x`` with the first ``n_in`` of ``p['kernel']``.
-    bf16 traced for the CPU: ``cpu_matmul.dense_bf16`` (the same arithmetic, XLA:CPU's fast path)."""
+    bf16 or f32 traced for the CPU: ``cpu_matmul.dense_for_cpu`` (the same arithmetic, with a
+    backward pass that XLA:CPU runs on its fast paths)."""
     if "lora_merge" in p:  # a LoRA adapter folded into this block's kernel (lens_jax.lora.adapters)
         p = merge_adapter(p, dtype)
-    if jnp.dtype(dtype) == jnp.bfloat16 and attention_lib.target_backend() == "cpu":
-        y = dense_bf16(x.astype(dtype), p["kernel"].astype(dtype), n_in)
+    if jnp.dtype(dtype) in _CPU_DENSE_DTYPES and attention_lib.target_backend() == "cpu":
+        y = dense_for_cpu(x.astype(dtype), p["kernel"].astype(dtype), n_in)
     else:
         y = jnp.tensordot(x.astype(dtype), p["kernel"].astype(dtype), axes=n_in)
     if p.get("bias") is not None:
