@@ -17,6 +17,7 @@ Two entry points:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -115,15 +116,21 @@ def dense(x: jax.Array, p: dict, dtype, n_in: int = 1) -> jax.Array:
     return y
 
 
+@partial(jax.checkpoint, static_argnums=(2,))
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """``x * rsqrt(mean(x^2) + eps) * scale`` over the last axis, in float32, cast back."""
+    """``x * rsqrt(mean(x^2) + eps) * scale`` over the last axis, in float32, cast back.
+    Recomputed in the backward pass from ``x`` (``jax.checkpoint``): autodiff would keep the
+    float32 copy of a bf16 ``x`` for it, stacked over the layer scan (twice the bytes, and a
+    conversion of the whole stack between the two passes)."""
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+@partial(jax.checkpoint, static_argnums=(1,))
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
-    """Affine-free LayerNorm over the last axis, in float32, cast back."""
+    """Affine-free LayerNorm over the last axis, in float32, cast back; recomputed in the backward
+    pass as ``rms_norm`` is."""
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)

@@ -285,3 +285,32 @@ def test_per_token_is_an_exact_lookup_whose_gradient_has_no_scatter(dtype):
                                           * weights.astype(jnp.float32)))(values.astype(jnp.float32))
     got = np.asarray(grad(values), np.float32)
     assert max_rel_err(got, np.asarray(expected)) <= (0 if dtype == jnp.float32 else 4e-3)
+
+
+def _plain_rms_norm(x, scale, eps):
+    """``transformer.rms_norm`` without its ``jax.checkpoint``: what autodiff would keep."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _saved_float32_like(fn, x, *rest):
+    """Residuals ``jax.vjp`` keeps for the backward pass (the leaves of its vjp function) that are
+    float32 arrays of ``x``'s shape: a float32 copy of a bf16 input."""
+    _, vjp_fn = jax.vjp(fn, x, *rest)
+    return [leaf for leaf in jax.tree_util.tree_leaves(vjp_fn)
+            if leaf.shape == x.shape and leaf.dtype == jnp.float32]
+
+
+def test_norms_keep_the_bf16_input_not_a_float32_copy_for_the_backward_pass():
+    from lens_jax.models.transformer import layer_norm, rms_norm
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 32)), jnp.bfloat16)
+    scale = jnp.linspace(0.5, 1.5, 32, dtype=jnp.bfloat16)
+    assert _saved_float32_like(lambda a, s: _plain_rms_norm(a, s, 1e-6), x, scale)  # the check bites
+    assert not _saved_float32_like(lambda a, s: rms_norm(a, s, 1e-6), x, scale)
+    assert not _saved_float32_like(lambda a: layer_norm(a, 1e-6), x)
+    # the same gradients as the plain form: the recomputation is the same arithmetic
+    loss = lambda f: (lambda a, s: jnp.sum(f(a, s, 1e-6).astype(jnp.float32) ** 2))
+    got, want = jax.grad(loss(rms_norm), (0, 1))(x, scale), jax.grad(loss(_plain_rms_norm), (0, 1))(x, scale)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
