@@ -1,4 +1,5 @@
-"""Attention with segment ids, dispatched by config: XLA (any backend), cuDNN flash (GPU), splash (TPU).
+"""Attention with segment ids, dispatched by config: XLA (any backend; in query blocks on the CPU),
+cuDNN flash (GPU), splash (TPU).
 
 Queries attend to keys of their own segment only; segment 0 is padding, which no query attends to
 (padding queries get finite garbage that callers mask). All paths take ``q, k, v [B, N, H, D]`` and
@@ -81,6 +82,117 @@ def _xla_attention_bwd(residuals, d_out):
 
 
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
+
+
+_F32 = dict(preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def chunked_attention(q, k, v, segment_ids, query_chunk: int = 128):
+    """``xla_attention``'s arithmetic, ``query_chunk`` queries at a time (a ``lax.scan``); the CPU's
+    default (``attention="auto"``).
+
+    ``xla_attention`` streams float32 ``[B, H, N, N]`` logits through memory some ten times per
+    layer (mask, max, exp, sum, divide; in the backward pass recompute, dP, dS); here a block's
+    ``[B, H, chunk, N]`` stays in cache. Each block sees every key, so its softmax is exact (no
+    online rescaling). Heads come first (``[B, H, N, D]``) so that every dot is a plain batched
+    matmul, and the key and value gradients accumulate transposed (``dk^T = q^T dS``,
+    ``dv^T = dO^T P``, ``[B, H, D, N]``, from ``q^T`` and ``dO^T`` transposed once): XLA:CPU's fast
+    dots contract over the left operand's minor axis (``models/cpu_matmul.py``). Results equal
+    ``xla_attention``'s up to float32 summation order (tests/models/test_attention.py); speed on
+    CPU: docs/benchmarks.md, issue 14.
+    """
+    return _chunked_fwd(q, k, v, segment_ids, query_chunk)[0]
+
+
+def _blocks(x: jax.Array, chunk: int, axis: int) -> jax.Array:
+    """``axis`` padded with zeros to a multiple of ``chunk`` and split: ``[..., N, ...] ->
+    [N / chunk, ..., chunk, ...]`` (the scan's leading axis). Zero segment ids are padding."""
+    n = x.shape[axis]
+    x = jnp.pad(x, [(0, -(-n // chunk) * chunk - n if a == axis else 0) for a in range(x.ndim)])
+    x = x.reshape(x.shape[:axis] + (x.shape[axis] // chunk, chunk) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _unblock(x: jax.Array, axis: int, n: int) -> jax.Array:
+    """Inverse of ``_blocks``: the first ``n`` rows."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+    return jax.lax.slice_in_dim(x, 0, n, axis=axis)
+
+
+def _block_logits(q_block, k_heads, q_segments, segment_ids):
+    """``[B, H, c, D]`` queries against all ``[B, H, N, D]`` keys: scaled, masked float32 logits
+    ``[B, H, c, N]`` and the mask ``[B, 1, c, N]`` (same segment, key not padding)."""
+    valid = ((q_segments[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0))[:, None]
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q_block, k_heads, **_F32) * (q_block.shape[-1] ** -0.5)
+    return logits + jnp.where(valid, 0.0, _MASKED), valid
+
+
+def _heads_first(x):
+    return x.transpose(0, 2, 1, 3)  # [B, N, H, D] <-> [B, H, N, D]
+
+
+def _chunk(n: int, query_chunk: int) -> int:
+    return max(1, min(int(query_chunk), n))
+
+
+def _chunked_fwd(q, k, v, segment_ids, query_chunk):
+    n, chunk = q.shape[1], _chunk(q.shape[1], query_chunk)
+    k_heads, v_heads = _heads_first(k), _heads_first(v)
+
+    def block(_, xs):
+        q_block, q_segments = xs
+        logits, _ = _block_logits(q_block, k_heads, q_segments, segment_ids)
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+        unnormalized = jnp.exp(logits - row_max)
+        row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+        weights = (unnormalized / row_sum).astype(v.dtype)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v_heads, **_F32).astype(v.dtype)
+        return None, (out, row_max, row_sum)
+
+    xs = (_blocks(_heads_first(q), chunk, 2), _blocks(segment_ids, chunk, 1))
+    _, (out, row_max, row_sum) = jax.lax.scan(block, None, xs)  # row_*: [blocks, B, H, c, 1]
+    out_heads = _unblock(out, 2, n)  # [B, H, N, D]
+    return _heads_first(out_heads), (q, k, v, segment_ids, out_heads, row_max, row_sum)
+
+
+def _chunked_bwd(query_chunk, residuals, d_out):
+    """Per query block: P recomputed, ``dS = P * (dP - rowsum(dO * O))``; dq per block, dk and dv
+    summed over blocks in float32 (rounded once at the end, as ``xla_attention`` rounds them)."""
+    q, k, v, segment_ids, out_heads, row_max, row_sum = residuals
+    n, chunk = q.shape[1], _chunk(q.shape[1], query_chunk)
+    scale = q.shape[-1] ** -0.5
+    q_heads, k_heads, v_heads, d_out_heads = (_heads_first(t) for t in (q, k, v, d_out))
+    delta = jnp.sum(d_out_heads.astype(jnp.float32) * out_heads.astype(jnp.float32), axis=-1,
+                    keepdims=True)  # [B, H, N, 1]
+
+    def block(carry, xs):
+        d_k_t, d_v_t = carry  # [B, H, D, N] float32
+        q_block, q_block_t, q_segments, d_out_block, d_out_block_t, m, l, delta_block = xs
+        logits, valid = _block_logits(q_block, k_heads, q_segments, segment_ids)
+        probs = jnp.exp(logits - m) / l  # [B, H, c, N] float32
+        d_v_t = d_v_t + jnp.einsum("bhdq,bhqk->bhdk", d_out_block_t, probs.astype(v.dtype), **_F32)
+        d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_block, v_heads, **_F32)
+        # masked logits are constants: no gradient (padding query rows are fully masked)
+        d_logits = (jnp.where(valid, probs * (d_probs - delta_block), 0.0) * scale).astype(q.dtype)
+        d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k_heads, **_F32).astype(q.dtype)
+        d_k_t = d_k_t + jnp.einsum("bhdq,bhqk->bhdk", q_block_t, d_logits, **_F32)
+        return (d_k_t, d_v_t), d_q
+
+    transposed = lambda t: t.transpose(0, 1, 3, 2)  # [B, H, N, D] -> [B, H, D, N]
+    xs = (_blocks(q_heads, chunk, 2), _blocks(transposed(q_heads), chunk, 3),
+          _blocks(segment_ids, chunk, 1), _blocks(d_out_heads, chunk, 2),
+          _blocks(transposed(d_out_heads), chunk, 3), row_max, row_sum, _blocks(delta, chunk, 2))
+    b, h, _, d = k_heads.shape
+    zeros = jnp.zeros((b, h, d, n), jnp.float32)
+    (d_k_t, d_v_t), d_q = jax.lax.scan(block, (zeros, zeros), xs)
+    keys_first = lambda t, dtype: t.transpose(0, 3, 1, 2).astype(dtype)  # [B, H, D, N] -> [B, N, H, D]
+    return (_heads_first(_unblock(d_q, 2, n)), keys_first(d_k_t, k.dtype), keys_first(d_v_t, v.dtype),
+            None)
+
+
+chunked_attention.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def pad_tokens(multiple: int, q, k, v, segment_ids):
@@ -209,7 +321,8 @@ def _splash_local(q, k, v, segment_ids, *, block_size: int, interpret: bool):
 def resolve(choice: str, backend: str | None = None) -> str:
     """Which implementation runs for config ``attention=choice`` on ``backend``; warns on fallback."""
     backend = backend or jax.default_backend()
-    wanted = {"auto": {"tpu": "splash", "gpu": "cudnn"}.get(backend, "xla")}.get(choice, choice)
+    wanted = {"auto": {"tpu": "splash", "gpu": "cudnn", "cpu": "chunked"}.get(backend, "xla")
+              }.get(choice, choice)
     needs = {"splash": "tpu", "cudnn": "gpu"}
     if wanted in needs and backend != needs[wanted]:
         log.warning("attention=%r needs a %s backend but this is %r; falling back to XLA attention",
@@ -229,7 +342,7 @@ def target_backend() -> str:
 
 
 def attention(q, k, v, segment_ids, implementation: str = "auto", splash_block_size: int = 512,
-              packed: bool = True):
+              packed: bool = True, query_chunk: int = 128):
     """Segment-masked attention by the implementation ``resolve`` picks for ``target_backend()``.
     ``packed=False`` promises one segment per row (plus padding), which lets the GPU use cuDNN."""
     impl = resolve(implementation, target_backend())
@@ -237,4 +350,6 @@ def attention(q, k, v, segment_ids, implementation: str = "auto", splash_block_s
         return splash_attention(q, k, v, segment_ids, splash_block_size)
     if impl == "cudnn":
         return gpu_attention(q, k, v, segment_ids, packed)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, segment_ids, query_chunk)
     return xla_attention(q, k, v, segment_ids)

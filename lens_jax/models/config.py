@@ -46,8 +46,10 @@ def transformer_config(**overrides) -> ml_collections.ConfigDict:
     c.param_dtype = "float32"        # master weights
     c.dtype = "bfloat16"             # compute dtype (activations, matmul inputs)
     c.remat = "none"                 # none | full | save_dots | save_dots_no_batch | save_qkv_attn
-    c.attention = "auto"             # auto | xla | cudnn | splash  (auto: splash on TPU, cudnn on GPU)
+    c.attention = "auto"             # auto | xla | chunked | cudnn | splash  (auto: splash on TPU,
+                                     # cudnn on GPU, chunked = xla in query blocks on CPU)
     c.splash_block_size = 512        # splash attention q/kv block size (TPU)
+    c.query_chunk = 128              # chunked attention: queries per block (CPU; docs/benchmarks.md)
     # --- initialisation of a fresh model (training from scratch) [choice: UNCONFIRMED upstream] ---
     c.init_std = 0.02                # normal std of linear kernels
     c.zero_init_modulation = True    # adaLN-Zero: modulation, norm_out and proj_out start at zero
@@ -107,5 +109,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.remat not in ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_attn"):
         raise ValueError(f"remat={c.remat!r}: expected none|full|save_dots|save_dots_no_batch|"
                          "save_qkv_attn")
-    if c.attention not in ("auto", "xla", "cudnn", "splash"):
-        raise ValueError(f"attention={c.attention!r}: expected auto|xla|cudnn|splash")
+    if c.attention not in ("auto", "xla", "chunked", "cudnn", "splash"):
+        raise ValueError(f"attention={c.attention!r}: expected auto|xla|chunked|cudnn|splash")
+    if int(c.query_chunk) < 1:
+        raise ValueError(f"query_chunk={c.query_chunk!r}: expected a positive number of queries")

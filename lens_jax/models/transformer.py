@@ -198,7 +198,7 @@ def block_forward(p: dict, x: jax.Array, c: jax.Array, *, temb: jax.Array,
                for i in range(3))
     segments = jnp.concatenate([img_segments, txt_segments], axis=1)
     out = attention_lib.attention(q, k, v, segments, cfg.attention, cfg.splash_block_size,
-                                  packed=packed)
+                                  packed=packed, query_chunk=cfg.query_chunk)
     out = checkpoint_name(out, "attn_out")
 
     new = {}

@@ -35,3 +35,27 @@ def test_xla_attention_gradients_match_autodiff(dtype, tol):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert rel_l2(a, b) < tol, name
         assert max_rel_err(a, b) < tol, name
+
+
+# float32: the same arithmetic in another summation order; bfloat16: dq is rounded per block and
+# the blocks' dk, dv sums round once, as xla_attention's do, but P and dS round differently
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("query_chunk", [16, 40, 128])
+def test_chunked_attention_matches_xla_attention(dtype, tol, query_chunk):
+    g = np.random.default_rng(1)
+    q, k, v, d_out = (jnp.asarray(g.standard_normal((2, 40, 3, 16)), dtype) for _ in range(4))
+    # 40 tokens in blocks of 16: three blocks, the last one padded; two segments and padding in
+    # row 0, one segment in row 1
+    segments = jnp.asarray([[1] * 20 + [2] * 15 + [0] * 5, [1] * 40], jnp.int32)
+    chunked = lambda q, k, v, s: attention_lib.chunked_attention(q, k, v, s, query_chunk)
+
+    def out_and_grads(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v, segments).astype(jnp.float32) * d_out)
+        return (fn(q, k, v, segments),) + jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    got, want = out_and_grads(jax.jit(chunked)), out_and_grads(attention_lib.xla_attention)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert rel_l2(a, b) < tol, name
+        assert max_rel_err(a, b) < tol, name

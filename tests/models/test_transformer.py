@@ -195,7 +195,7 @@ def test_attention_dispatch_falls_back_with_a_warning(caplog):
         assert attention_lib.resolve("splash", "cpu") == "xla"
         assert attention_lib.resolve("cudnn", "cpu") == "xla"
     assert "falling back to XLA" in caplog.text
-    assert attention_lib.resolve("auto", "cpu") == "xla"
+    assert attention_lib.resolve("auto", "cpu") == "chunked"
     assert attention_lib.resolve("auto", "tpu") == "splash"
     assert attention_lib.resolve("auto", "gpu") == "cudnn"
     # a model configured for splash runs (through the fallback) and matches the XLA path

@@ -71,7 +71,7 @@ def test_splash_in_shard_map_matches_xla():
     _check(jax.jit(sharded), *_inputs())
 
 
-@pytest.mark.parametrize("backend,want", [("tpu", "splash"), ("cpu", "xla")])
+@pytest.mark.parametrize("backend,want", [("tpu", "splash"), ("cpu", "chunked")])
 def test_dispatch_follows_the_mesh_platform(backend, want):
     """``auto`` picks splash for a mesh of TPU devices (an AOT compile from a CPU host)."""
     assert attention_lib.resolve("auto", backend) == want
