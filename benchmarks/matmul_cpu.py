@@ -7,8 +7,8 @@
 The layer is ``y = x @ w`` with ``x [tokens, width]`` and ``w [width, hidden]``; its backward pass
 is ``dx = g @ w^T`` and ``dw = x^T g``, where ``dw`` is timed in the three forms XLA may get it:
 from a kept ``x^T`` (``models/cpu_matmul.py``, a plain dot), as autodiff writes it (a contraction
-over the token axis of both operands), and transposed (``dw^T = g^T x``). Float32; the median of
-``--repeats`` calls after a warm-up, JAX and PyTorch alternating per shape.
+over the token axis of both operands), and transposed (``dw^T = g^T x``). Float32 or bfloat16
+operands; the median of ``--repeats`` calls after a warm-up, JAX and PyTorch alternating per shape.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from attention_cpu import median_ms  # benchmarks/ is the script's folder: on sy
 
 
 def contract(lhs_axis: int, rhs_axis: int):
-    return lambda a, b: jax.lax.dot_general(a, b, (((lhs_axis,), (rhs_axis,)), ((), ())))
+    """The dot as the model writes it: float32 accumulation, one rounding to the operands' dtype
+    (for bf16 the form XLA:CPU runs on bf16 operands, ``models/cpu_matmul.py``)."""
+    dims = (((lhs_axis,), (rhs_axis,)), ((), ()))
+    return lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 def main() -> None:
@@ -33,6 +36,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="rows of x (mid: batch 2 x 1024)")
     parser.add_argument("--width", type=int, default=512, help="model width (mid: 512)")
     parser.add_argument("--hidden", type=int, default=1365, help="layer output (mid's MLP: 1365)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="operand dtype (bfloat16: PyTorch's oneDNN bf16 GEMM against XLA's)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     m, k, n = args.tokens, args.width, args.hidden
@@ -44,17 +49,19 @@ def main() -> None:
         ("dw^T = g^T x", (n, m), (m, k), contract(1, 0), lambda a, b: a @ b, 2 * m * k * n),
         ("square 2048 x 2048", (2048, 2048), (2048, 2048), contract(1, 0), lambda a, b: a @ b, 2 * 2048 ** 3),
     ]
-    print(f"dense-layer matmuls, float32, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, jax "
+    print(f"dense-layer matmuls, {args.dtype}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, jax "
           f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"x [{m}, {k}], w [{k}, {n}]")
     print("| matmul | JAX (ms) | PyTorch (ms) | PyTorch / JAX | JAX GFLOP/s |")
     g = np.random.default_rng(0)
     for name, shape_a, shape_b, jax_form, torch_form, flops in cases:
         a, b = g.standard_normal(shape_a).astype(np.float32), g.standard_normal(shape_b).astype(np.float32)
-        ja, jb = jnp.asarray(a), jnp.asarray(b)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        ja, jb = jnp.asarray(a, args.dtype), jnp.asarray(b, args.dtype)
+        ta, tb = (torch.from_numpy(t).to(getattr(torch, args.dtype)) for t in (a, b))
         compiled = jax.jit(jax_form)
-        np.testing.assert_allclose(np.asarray(compiled(ja, jb)), torch_form(ta, tb).numpy(), rtol=1e-3, atol=1e-2)
+        got, want = np.asarray(compiled(ja, jb), np.float32), torch_form(ta, tb).float().numpy()
+        err = np.max(np.abs(got - want)) / np.max(np.abs(want))  # the same product, or it stops here
+        assert err < (1e-5 if args.dtype == "float32" else 1e-2), (name, err)
         t_jax = median_ms(lambda: compiled(ja, jb).block_until_ready(), args.repeats)
         t_torch = median_ms(lambda: torch_form(ta, tb), args.repeats)
         print(f"| {name} | {t_jax:.1f} | {t_torch:.1f} | {t_torch / t_jax:.2f}x | {flops / t_jax / 1e6:.0f} |",
