@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lens_jax.models import attention as attention_lib  # noqa: E402
+from tests.conftest import max_rel_err  # noqa: E402
 
 SHAPES = {"mid": (2, 8), "wide": (1, 24)}  # batch, heads
 N_IMG, N_TXT, HEAD_DIM, PAD = 1024, 128, 64, 64
@@ -83,12 +84,6 @@ def torch_fns(q, k, v, d_out, segments, dtype):
     return forward, forward_backward
 
 
-def max_rel_err(got, want) -> float:
-    errs = [float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
-                  / np.max(np.abs(np.asarray(b, np.float32)))) for a, b in zip(got, want)]
-    return max(errs)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["mid", "wide"])
@@ -113,7 +108,9 @@ def main() -> None:
             reference = (impls["xla"][0](jq, jk, jv),) + tuple(impls["xla"][1](jq, jk, jv, jd))
             for name, (fwd, bwd) in impls.items():
                 if name != "xla":
-                    err = max_rel_err((fwd(jq, jk, jv),) + tuple(bwd(jq, jk, jv, jd)), reference)
+                    got = (fwd(jq, jk, jv),) + tuple(bwd(jq, jk, jv, jd))
+                    err = max(max_rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32))
+                              for a, b in zip(got, reference))
                     print(f"  {shape} {dtype} {name} vs xla: max relative error {err:.2e} (output, dq, dk, dv)")
             t_fwd, t_fb = torch_fns(q, k, v, d_out, segments, dtype)
             for pass_index, pass_name in enumerate(("forward", "forward+backward")):

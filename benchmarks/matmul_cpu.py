@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from attention_cpu import median_ms  # benchmarks/ is the script's folder: on sys.path
+from tests.conftest import max_rel_err  # attention_cpu put the repository root on sys.path
 
 
 def contract(lhs_axis: int, rhs_axis: int):
@@ -60,7 +61,7 @@ def main() -> None:
         ta, tb = (torch.from_numpy(t).to(getattr(torch, args.dtype)) for t in (a, b))
         compiled = jax.jit(jax_form)
         got, want = np.asarray(compiled(ja, jb), np.float32), torch_form(ta, tb).float().numpy()
-        err = np.max(np.abs(got - want)) / np.max(np.abs(want))  # the same product, or it stops here
+        err = max_rel_err(got, want)  # the same product, or it stops here
         assert err < (1e-5 if args.dtype == "float32" else 1e-2), (name, err)
         t_jax = median_ms(lambda: compiled(ja, jb).block_until_ready(), args.repeats)
         t_torch = median_ms(lambda: torch_form(ta, tb), args.repeats)

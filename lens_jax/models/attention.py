@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax instead of NaN
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """``[B, N]`` -> ``[B, 1, N, N]`` bool: same segment and a non-padding key."""
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (same & (segment_ids[:, None, :] != 0))[:, None]
+def segment_mask(segment_ids: jax.Array, key_segment_ids: jax.Array | None = None) -> jax.Array:
+    """Query ids ``[B, Nq]`` and key ids ``[B, Nk]`` (default: the same) -> ``[B, 1, Nq, Nk]`` bool:
+    same segment and a non-padding key."""
+    keys = segment_ids if key_segment_ids is None else key_segment_ids
+    same = segment_ids[:, :, None] == keys[:, None, :]
+    return (same & (keys[:, None, :] != 0))[:, None]
 
 
 @jax.custom_vjp
@@ -124,7 +126,7 @@ def _unblock(x: jax.Array, axis: int, n: int) -> jax.Array:
 def _block_logits(q_block, k_heads, q_segments, segment_ids):
     """``[B, H, c, D]`` queries against all ``[B, H, N, D]`` keys: scaled, masked float32 logits
     ``[B, H, c, N]`` and the mask ``[B, 1, c, N]`` (same segment, key not padding)."""
-    valid = ((q_segments[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0))[:, None]
+    valid = segment_mask(q_segments, segment_ids)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q_block, k_heads, **_F32) * (q_block.shape[-1] ** -0.5)
     return logits + jnp.where(valid, 0.0, _MASKED), valid
 
@@ -154,6 +156,9 @@ def _chunked_fwd(q, k, v, segment_ids, query_chunk):
     xs = (_blocks(_heads_first(q), chunk, 2), _blocks(segment_ids, chunk, 1))
     _, (out, row_max, row_sum) = jax.lax.scan(block, None, xs)  # row_*: [blocks, B, H, c, 1]
     out_heads = _unblock(out, 2, n)  # [B, H, N, D]
+    # q, k, v are kept as given, not heads first: keeping the transposed ones let XLA:CPU (jaxlib
+    # 0.10.2) lay out a one-block backward's bf16 dot for its generic DotThunk, which has no
+    # bf16 x bf16 -> f32 ("Unsupported element type"); the transposes are redone in the backward
     return _heads_first(out_heads), (q, k, v, segment_ids, out_heads, row_max, row_sum)
 
 
