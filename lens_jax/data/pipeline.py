@@ -65,6 +65,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.worker_buffer_size = 2    # prefetched elements per worker
     c.read_threads = 2          # threads per worker reading + decoding ahead
     c.read_buffer_size = 8      # elements each worker's threads prefetch
+    c.feed_nice = 19            # lens-train reads batches in a thread this much nicer (Linux; 0 = not)
     # --- filtering
     c.min_side = 64             # skip images whose shorter side is below this (pixels)
     c.max_aspect = 3.0          # skip images with long side / short side above this

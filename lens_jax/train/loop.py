@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,13 +53,18 @@ class BatchFeed:
 
     ``next()`` returns a ``FeedItem``, or ``None`` when this host's data ran out; an exception in
     the thread is raised there. ``prepare`` is host work on the pipeline's numpy batch (the VAE).
+    ``nice`` (Linux) lowers the thread's scheduling priority by that much, and that of the threads
+    it starts (grain's read threads): on a host whose cores also run the step (XLA:CPU) the input
+    pipeline then takes the cores' idle time first (``data.feed_nice``, docs/benchmarks.md).
     """
 
     _END = object()
 
-    def __init__(self, data_iter: Iterator, prepare: Callable[[dict], dict], depth: int = 2):
+    def __init__(self, data_iter: Iterator, prepare: Callable[[dict], dict], depth: int = 2,
+                 nice: int = 0):
         self._iter = data_iter
         self._prepare = prepare
+        self._nice = int(nice)
         self._queue: queue.Queue = queue.Queue(maxsize=max(int(depth), 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lens-batch-feed", daemon=True)
@@ -74,6 +80,12 @@ class BatchFeed:
         return False
 
     def _run(self) -> None:
+        if self._nice > 0 and sys.platform.startswith("linux"):  # elsewhere it would be the process's
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+            except OSError as e:
+                log.warning("data.feed_nice=%d: could not lower the batch feed's priority: %s",
+                            self._nice, e)
         try:
             while not self._stop.is_set():
                 try:
@@ -254,7 +266,8 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
     step = start
     data_state: dict[str, Any] | None = None   # after the last batch a step used
     pending: _Pending | None = None
-    feed = BatchFeed(data_iter, prepare) if start < num_steps else None
+    feed = (BatchFeed(data_iter, prepare, nice=int(config.data.feed_nice))
+            if start < num_steps else None)
     try:
         with hosts.Preemption() as preempt:
             while step < num_steps:
