@@ -13,7 +13,12 @@ PYTEST_ARGS ?=
 # (madvise(MADV_HUGEPAGE): used where /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or
 # "always", a no-op elsewhere): 20x fewer faults and ~17% faster demo training steps on the 2-core
 # CPU (docs/demo.md). Appended to any GLIBC_TUNABLES of the caller; `make demo CPU_ENV=` turns it off.
-CPU_ENV ?= GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
+# JAX_PLATFORMS=cpu (unless the caller sets JAX_PLATFORMS): the venv holds libtpu for the TPU
+# compile tests, and on a host without a TPU its start-up prints an "E0000 ... INVALID_ARGUMENT"
+# line about TPU_WORKER_HOSTNAMES before falling back to the CPU. The demo targets the CPU; set
+# JAX_PLATFORMS yourself to run it on another backend.
+CPU_ENV ?= GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1 \
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu}
 
 .PHONY: test venv clean bench demo demo-lora ablation constraints
 
