@@ -46,7 +46,9 @@ def shifted(grid, task: str):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=("neighbours", "right", "own"), default="neighbours")
+    p.add_argument("--task", choices=("neighbours", "right", "own"), default="neighbours",
+                   help="target at each token: the mean of its 4 neighbours' inputs (default), the "
+                   "right neighbour's input, or its own input (a per-token control)")
     p.add_argument("--steps", type=int, default=1500, help="Adam steps (default 1500)")
     p.add_argument("--batch", type=int, default=16, help="grids per step (default 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
