@@ -18,7 +18,6 @@ baseline near 0 means the blocks' attention and RoPE positions let a token read 
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import time
@@ -62,16 +61,17 @@ def main() -> None:
     import optax
     from flax import nnx
 
-    from configs import demo
     from lens_jax.models.transformer import LensTransformer
+    from lens_jax.train import config_files
 
-    cfg = demo.get_config().model
-    cfg.in_channels, cfg.out_channels = 24, 6
-    for item in args.set:
-        field, _, value = item.partition("=")
-        if field not in cfg:
-            p.error(f"--set {item}: no model field {field!r}")
-        cfg[field] = ast.literal_eval(value)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    demo_config = os.path.join(repo, "configs", "demo.py")
+    overrides = ["--config.model.in_channels=24", "--config.model.out_channels=6"]
+    try:  # lens-train's own --config.FIELD=VALUE parsing (types, a typo named with its nearest fields)
+        cfg = config_files.load(demo_config,
+                                overrides + [f"--config.model.{item}" for item in args.set]).model
+    except ValueError as e:
+        p.error(str(e))
     channels = cfg.in_channels
     if cfg.patch_size ** 2 * cfg.out_channels != channels:
         p.error(f"output width patch_size^2 * out_channels = {cfg.patch_size ** 2 * cfg.out_channels} "
