@@ -38,8 +38,6 @@ RADIUS = _ARGS.radius
 OFFSETS = [(dr, dc) for dr in range(-RADIUS, RADIUS + 1) for dc in range(-RADIUS, RADIUS + 1) if (dr, dc) != (0, 0)]
 if _ARGS.cross:
     OFFSETS = [(0, -1), (0, 1), (-1, 0), (1, 0)]
-if _ARGS.cross:
-    OFFSETS = [(0, -1), (0, 1), (-1, 0), (1, 0)]
 NB = len(OFFSETS)
 OUT = _ARGS.mix_output
 
@@ -66,18 +64,22 @@ def init(self, config, *, rngs):
 T.LensTransformer.__init__ = init
 T.LensTransformer._check_packed = lambda self, *a: None
 
-src = textwrap.dedent(inspect.getsource(T.LensTransformer.forward_packed))
-lines = src.splitlines(keepends=True)
-new_lines = []
-for line in lines:
-    new_lines.append(line)
-    if line.strip() == "out = dense(x, _values(self.proj_out), dtype)" and OUT:
-        ind = line[:len(line) - len(line.lstrip())]
-        new_lines.append(ind + "out = out + jnp.einsum('bnk,ko->bno', neighbours(x, img_positions, img_segments).astype(dtype), self.nbr_out[...].astype(dtype))\n")
-assert not OUT or len(new_lines) == len(lines) + 1
-ns = dict(vars(T))
-exec("".join(new_lines), ns)
-core = ns["forward_packed"]
+core = T.LensTransformer.forward_packed
+if OUT:  # forward_packed's source with one line added after the output projection
+    target = "out = dense(x, _values(self.proj_out), dtype)"
+    lines = textwrap.dedent(inspect.getsource(core)).splitlines(keepends=True)
+    at = [i for i, line in enumerate(lines) if line.strip() == target]
+    if len(at) != 1:
+        sys.exit(f"--mix-output: lens_jax/models/transformer.py's forward_packed no longer has the line "
+                 f"{target!r} once; update this probe")
+    indent = lines[at[0]][:len(lines[at[0]]) - len(lines[at[0]].lstrip())]
+    lines.insert(at[0] + 1, indent + "out = out + jnp.einsum('bnk,ko->bno', neighbours(x, img_positions, "
+                 "img_segments).astype(dtype), self.nbr_out[...].astype(dtype))\n")
+    ns = dict(vars(T))
+    exec("".join(lines), ns)
+    core = ns["forward_packed"]
+
+
 def fp(self, img_tokens, img_positions, img_segment_ids, *a, **kw):
     aug = jnp.concatenate([img_tokens, neighbours(img_tokens, img_positions, img_segment_ids)], -1)
     return core(self, aug, img_positions, img_segment_ids, *a, **kw)
