@@ -1,7 +1,7 @@
 """What the demo's stand-in latents can show at best: ground truth through the DCT stand-in and back.
 
     .venv/bin/python benchmarks/demo_latent_ceiling.py [--num 200] [--seed 5] \
-        [--cases 96:12,96:48,128:48] [--json OUT]
+        [--cases 96:12,96:48,128:48] [--placement free|grid] [--aspect all|square] [--json OUT]
 
 For each case ``BASE:CHANNELS``: the held-out prompts of ``lens-eval prompts --seed SEED`` at
 ``--base-size BASE`` (the demo's 512 group of aspect ratios), each ground-truth render projected on
@@ -25,14 +25,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ceiling(base: int, channels: int, num: int, seed: int) -> dict:
+def ceiling(base: int, channels: int, num: int, seed: int, placement: str = "free",
+            aspect: str = "all") -> dict:
     from lens_jax.data.buckets import patchify_image, unpatchify_image
     from lens_jax.data.synth_shapes import render_layout
     from lens_jax.eval.layout import make_eval_set, score_images
     from lens_jax.train.stand_ins import dct_basis
 
     basis = dct_basis(channels)                               # [768, C]
-    prompts = make_eval_set(num, seed=seed, base_size=base, groups=(512,))
+    prompts = make_eval_set(num, seed=seed, base_size=base, groups=(512,), placement=placement,
+                            aspect=aspect)
     images = []
     for p in prompts:
         pixels = render_layout(p.layout, p.width, p.height).astype(np.float32) / 127.5 - 1.0
@@ -42,7 +44,7 @@ def ceiling(base: int, channels: int, num: int, seed: int) -> dict:
         images.append(np.clip(np.round((back + 1.0) * 127.5), 0, 255).astype(np.uint8))
     report = score_images(images, [p.layout for p in prompts])
     by = report["by_object_count"]
-    return {"base": base, "channels": channels, "prompts": num, "seed": seed,
+    return {"base": base, "channels": channels, "prompts": num, "seed": seed, "placement": placement, "aspect": aspect,
             "single_object_colour": report["categories"]["single_object_colour"]["score"],
             "shape_1": by["1"]["shape"]["score"], "count_2": by["2"]["count"]["score"],
             "position_2": by["2"]["position"]["score"], "colour_2": by["2"]["colour"]["score"],
@@ -56,6 +58,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=5, help="lens-eval prompts seed (validation: not 0)")
     p.add_argument("--cases", default="96:12,96:48,96:108,96:192,128:48,128:108,128:192",
                    help="comma-separated BASE:CHANNELS (image base size in pixels : DCT channels)")
+    p.add_argument("--placement", choices=("free", "grid"), default="free",
+                   help="where the prompts' objects go (lens-eval prompts --placement; default free)")
+    p.add_argument("--aspect", choices=("all", "square"), default="all",
+                   help="image sizes (lens-eval prompts --aspect; default all nine ratios)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     rows = []
@@ -65,7 +71,7 @@ def main() -> None:
     for case in args.cases.split(","):
         base, channels = (int(x) for x in case.split(":"))
         t0 = time.perf_counter()
-        row = ceiling(base, channels, args.num, args.seed)
+        row = ceiling(base, channels, args.num, args.seed, args.placement, args.aspect)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(f"{base:>4} {channels:>4} " + " ".join(f"{row[k]:>20.3f}" for k in keys), flush=True)

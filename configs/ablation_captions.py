@@ -39,6 +39,15 @@ def get_config(arm: str = "dense") -> ml_collections.ConfigDict:
     config.model.num_layers = 2
     config.model.num_attention_heads = 4
     config.num_steps = 3000
+    # The images, latents and sigmas its figures in docs/demo.md were measured on (configs/demo.py
+    # before 2026-12-06): the 512 group's 9 aspect ratios at base 96 (free layouts: the ablation
+    # writes its records with lens-data synth-shapes' defaults), 12 DCT channels, the resolution
+    # rule's sigma location.
+    config.data.bucket_scale = 0.1875
+    config.model.in_channels = 12
+    config.model.out_channels = 3
+    config.image_encoder.freq_exponent = 0.0
+    config.objective.sigma_loc = (1.0, 1.3)
     # Word tokens for both arms (as configs/demo.py): a dense caption is ~110 words (~530 UTF-8
     # bytes), so with a byte tokenizer the dense arm would cost ~20x the short one per step.
     config.data.caption_length = 160  # dense captions: at most ~145 words and punctuation

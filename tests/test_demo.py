@@ -4,6 +4,8 @@ A few training steps on 40 tiny records, 4 evaluation prompts, 2 sampler steps: 
 output the demo promises exists and is well formed (the real run's scores are in docs/demo.md).
 """
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -24,25 +26,36 @@ def demo_run(tmp_path_factory):
             "--sample-steps", "2", "--heldout-batches", "1", "--grid", "4",
             "--config.num_steps=3", "--config.data.rows_per_host", "2", "--config.logging.every=1",
             "--config.samples.every=0"]
-    assert demo.main(argv) == 0
-    return out, json.loads((out / "summary.json").read_text())
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert demo.main(argv) == 0
+    return out, json.loads((out / "summary.json").read_text()), printed.getvalue()
 
 
 def test_outputs_exist(demo_run):
-    out, summary = demo_run
+    out, summary, _ = demo_run
     o = {k: Path(v) for k, v in summary["outputs"].items()}
     for key in ("train_records", "heldout_records"):
         assert (o[key] / "lens_records.json").is_file(), key
     prompts = [json.loads(l) for l in o["eval_prompts"].read_text().splitlines()]
     assert len(prompts) == 4
-    # --short-captions places (the default): prompts and records name each object's ninth
-    from lens_jax.data.records import read_examples
-    from lens_jax.data.synth_shapes import caption_short
+    # --short-captions scene, --placement grid, --aspect square (the defaults): prompts and records
+    # name each object's ninth and the background; every object at the centre of its own ninth,
+    # every image square
+    from lens_jax.data.records import read_examples, read_manifest
+    from lens_jax.data.synth_shapes import GRID_SIZE_CLASS, caption_short
 
-    assert summary["short_captions"] == "places"
-    assert all(p["short_caption"] == caption_short(p["layout"], "places") for p in prompts)
+    assert (summary["short_captions"], summary["placement"], summary["aspect"]) == (
+        "scene", "grid", "square")
+    assert all(p["short_caption"] == caption_short(p["layout"], "scene") for p in prompts)
+    assert all(p["width"] == p["height"] == 128 for p in prompts)
     example = next(iter(read_examples(o["train_records"])))
-    assert example.short_caption == caption_short(json.loads(example.metadata)["layout"], "places")
+    layout = json.loads(example.metadata)["layout"]
+    assert example.short_caption == caption_short(layout, "scene")
+    assert (example.width, example.height) == (128, 128)
+    assert all(obj["size"] == GRID_SIZE_CLASS for obj in layout["objects"])
+    settings = read_manifest(o["train_records"])["synth_shapes"]
+    assert (settings["placement"], settings["aspect"]) == ("grid", "square")
     metrics = [json.loads(l) for l in o["metrics"].read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
     assert any(o["tensorboard"].iterdir())
@@ -69,6 +82,8 @@ def test_outputs_exist(demo_run):
     losses = json.loads(o["heldout_loss"].read_text())
     assert set(losses) == {"0", "3"}
     assert set(summary["timings_s"]) >= {"data", "train", "heldout_loss", "sample", "score", "export", "total"}
+    assert [(r["objects"], r["category"]) for r in summary["targets"]] == [
+        (objects, category) for objects, category, _ in demo.TARGETS]
     by_count = summary["scores_by_object_count"]["trained"]
     assert set(by_count) <= {"1", "2", "3", "4"} and by_count
     assert all(set(cats) == set(CATEGORIES) for cats in by_count.values())
@@ -88,8 +103,21 @@ def test_by_object_count_table_reads_the_reports():
     assert lines[4].split() == ["2:", "position", "n/a", "n/a"]
 
 
+
+def test_target_check_reads_issue_18s_targets():
+    cell = lambda score: {"score": score, "passed": 0, "prompts": 0}
+    reports = {"trained": {"by_object_count": {"1": {"single_object_colour": cell(0.9), "shape": cell(0.59)},
+                                               "2": {"count": cell(0.4), "position": cell(None)}}},
+               "untrained": {"by_object_count": {"1": {"shape": cell(0.1)}}}}
+    rows = {(r["objects"], r["category"]): r for r in demo.target_check(reports)}
+    assert set(rows) == {("1", "single_object_colour"), ("1", "shape"), ("2", "count"), ("2", "position")}
+    assert rows["1", "single_object_colour"]["met"] and rows["2", "count"]["met"]  # at the bound
+    assert not rows["1", "shape"]["met"] and rows["1", "shape"]["untrained"] == 0.1
+    assert not rows["2", "position"]["met"] and rows["2", "position"]["trained"] == 0.0  # no score
+
+
 def test_export_loads_back(demo_run):
-    out, summary = demo_run
+    out, summary, _ = demo_run
     folder = Path(summary["outputs"]["exported_transformer"])
     assert (folder / "config.json").is_file()
     assert summary["export_check"]["equal"] and summary["export_check"]["max_rel_err"] <= 1e-6
@@ -103,13 +131,22 @@ def summary_model_channels(out: Path) -> int:
     return json.loads((out / "run" / "config.json").read_text())["model"]["in_channels"]
 
 
+def test_the_run_ends_with_the_targets_and_what_the_task_leaves_out(demo_run):
+    _, summary, printed = demo_run
+    tail = printed[printed.rindex("7/7 done"):]
+    for row in summary["targets"]:
+        assert f"target: {row['category']} on {row['objects']}-object prompts >= {row['at_least']}" in tail
+    assert tail.rstrip().endswith(demo.TASK_IS_EASIER)
+
+
 def test_rerun_reuses_finished_run(demo_run, capsys):
     """A second run in the same folder reuses the records and does not retrain."""
-    out, summary = demo_run
+    out, summary, _ = demo_run
     from lens_jax.demo import make_records
 
     make_records(Path(summary["outputs"]["train_records"]), 40, 0,
-                 *demo.data_sizes(demo.load_config(demo.DEFAULT_CONFIG)), short_style="places")
+                 *demo.data_sizes(demo.load_config(demo.DEFAULT_CONFIG)), short_style="scene",
+                 placement="grid", aspect="square")
     assert "reusing" in capsys.readouterr().out
 
 

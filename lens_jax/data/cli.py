@@ -22,7 +22,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 
 from lens_jax.errors import CaptionError, RecordError
-from lens_jax.data.synth_shapes import SHORT_CAPTION_STYLES
+from lens_jax.data.synth_shapes import ASPECTS, PLACEMENTS, SHORT_CAPTION_STYLES
 
 
 def _positive_int(text: str) -> int:
@@ -366,6 +366,13 @@ def add_synth_shapes(subparsers) -> None:
                    help="short caption: 'plain' names the objects (\"a red circle and two blue "
                         "squares\", default), 'places' also each one's ninth of the image (\"a red "
                         "circle upper left and a blue square centre\"); images are the same")
+    p.add_argument("--placement", choices=PLACEMENTS, default="free",
+                   help="where objects go: 'free' anywhere, in three sizes (default); 'grid' each "
+                        "at the centre of its own ninth, one size, so that a 'places' caption "
+                        "fixes the image but its background")
+    p.add_argument("--aspect", choices=ASPECTS, default="all",
+                   help="image sizes: 'all' nine aspect ratios of each group (default), 'square' "
+                        "only the square bucket of each group")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth_shapes)
@@ -382,7 +389,8 @@ def run_synth_shapes(args: argparse.Namespace) -> int:
     shards = write_dataset(args.out, args.num, seed=args.seed, base_size=args.base_size,
                            groups=groups, num_shards=args.num_shards, workers=args.workers,
                            overwrite=args.overwrite, show_progress=not args.no_progress,
-                           short_style=args.short_style)
+                           short_style=args.short_style, placement=args.placement,
+                           aspect=args.aspect)
     print(f"wrote {args.num} synthetic examples to {args.out} ({len(shards)} shard(s))")
     return 0
 

@@ -97,13 +97,24 @@ _VERBS = ("sits", "is placed", "appears", "is drawn")
 # Buckets
 
 
-def bucket_sizes(base_size: int = 512, groups: Sequence[int] = (512, 768, 1024),
-                 multiple: int = 16) -> list[tuple[int, int]]:
-    """The training buckets of ``groups`` as (width, height), scaled by ``base_size / 512`` and
-    rounded to multiples of ``multiple`` (duplicates after rounding removed, order kept).
+# Which of each group's nine aspect ratios the images take (``bucket_sizes``): "all" (the
+# default, Lens's mixed-resolution buckets) or "square" only. With one size the image tokens'
+# RoPE offsets to the text tokens (spec 1.6: text at max(h//2, w//2) + j) are the same in every
+# image, so a small model learns where "upper left" is within minutes (docs/demo.md, trial 17).
+ASPECTS = ("all", "square")
 
-    The same sizes as ``lens_jax.data.buckets.make_buckets(groups, scale=base_size / 512)``.
+
+def bucket_sizes(base_size: int = 512, groups: Sequence[int] = (512, 768, 1024),
+                 multiple: int = 16, aspect: str = "all") -> list[tuple[int, int]]:
+    """The training buckets of ``groups`` as (width, height), scaled by ``base_size / 512`` and
+    rounded to multiples of ``multiple`` (duplicates after rounding removed, order kept); with
+    ``aspect`` "square" only those with width == height.
+
+    With ``aspect`` "all", the same sizes as
+    ``lens_jax.data.buckets.make_buckets(groups, scale=base_size / 512)``.
     """
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect {aspect!r}: expected one of {ASPECTS}")
     scale = base_size / 512
     sizes: list[tuple[int, int]] = []
     for group in groups:
@@ -114,7 +125,7 @@ def bucket_sizes(base_size: int = 512, groups: Sequence[int] = (512, 768, 1024),
                 w = max(multiple, int(math.floor(w * scale / multiple + 0.5)) * multiple)
                 h = max(multiple, int(math.floor(h * scale / multiple + 0.5)) * multiple)
             size = (w, h)
-            if size not in sizes:
+            if size not in sizes and (aspect == "all" or w == h):
                 sizes.append(size)
     return sizes
 
@@ -149,14 +160,29 @@ def _place(rng: np.random.Generator, side: int, width: int, height: int, margin:
     return None
 
 
-def sample_layout(rng: np.random.Generator, width: int, height: int) -> dict[str, Any]:
+# Where objects go (``sample_layout``): "free" anywhere that fits, in three size classes (the
+# default); "grid" each at the centre of its own ninth of the image, one size (GRID_SIDE_FRACTION),
+# so that a caption naming each object's ninth ("places" short captions) fixes the whole image but
+# the background. A small model learns "grid" layouts within minutes; "free" ones need it to make
+# neighbouring latent tokens agree on where an edge runs (docs/demo.md, "Towards shapes").
+PLACEMENTS = ("free", "grid")
+# Side of a "grid" object's bounding square as a fraction of the image's shorter side: a ninth's
+# shorter side is 1/3 of it for every bucket, so 0.3 leaves a margin of 1/60 of it on each side.
+GRID_SIDE_FRACTION = 0.3
+GRID_SIZE_CLASS = "medium"  # the class of SIZE_FRACTIONS nearest 0.3, as dense captions name it
+
+
+def sample_layout(rng: np.random.Generator, width: int, height: int,
+                  placement: str = "free") -> dict[str, Any]:
     """A random layout for a ``width`` x ``height`` image: background and 1-4 objects.
 
     Objects never overlap and keep a margin to the borders; they are listed in reading order
     (top to bottom by row of thirds, then left to right). Every object has ``shape``, ``color``
     (name), ``rgb``, ``size`` (class), ``bbox`` ([x0, y0, x1, y1) pixels), ``center`` and
-    ``position`` (one of nine named regions).
+    ``position`` (one of nine named regions). ``placement``: see ``PLACEMENTS``.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: expected one of {PLACEMENTS}")
     short_side = min(width, height)
     margin = max(1, round(0.03 * short_side))
     background_names = list(BACKGROUND_COLORS)
@@ -174,13 +200,25 @@ def sample_layout(rng: np.random.Generator, width: int, height: int) -> dict[str
     color_names = list(OBJECT_COLORS)
     objects: list[dict[str, Any]] = []
     taken: list[list[int]] = []
-    for _ in range(count):
+    cells = rng.choice(9, count, replace=False) if placement == "grid" else None  # row-major ninths
+    for k in range(count):
         if objects and rng.random() < 0.3:  # sometimes repeat a shape+colour ("two blue squares")
             template = objects[int(rng.integers(len(objects)))]
             shape, color = template["shape"], template["color"]
         else:
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
             color = color_names[int(rng.integers(len(color_names)))]
+        if cells is not None:
+            row, col = divmod(int(cells[k]), 3)
+            side = round(GRID_SIDE_FRACTION * short_side)
+            x0 = round((col + 0.5) * width / 3 - side / 2)
+            y0 = round((row + 0.5) * height / 3 - side / 2)
+            box = [x0, y0, x0 + side, y0 + side]
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            objects.append({"shape": shape, "color": color, "rgb": list(OBJECT_COLORS[color]),
+                            "size": GRID_SIZE_CLASS, "bbox": box, "center": [cx, cy],
+                            "position": _position_name(cx, cy, width, height)})
+            continue
         size_index = int(rng.integers(len(SIZE_ORDER)))
         box = None
         while box is None and size_index >= 0:  # shrink when the object does not fit
@@ -421,21 +459,28 @@ def caption_dense(layout: dict[str, Any], min_words: int = 60, max_words: int = 
 
 # Styles of the short caption: "plain" names the objects ("a red circle and two blue squares"),
 # "places" also names each one's ninth of the image ("a red circle upper left and a blue square
-# centre"), so that a short caption carries positions too (~4 words per object).
-SHORT_CAPTION_STYLES = ("plain", "places")
+# centre"), so that a short caption carries positions too (~4 words per object); "scene" is
+# "places" followed by the dense caption's background phrase ("... centre on a plain beige
+# background"), so that with "grid" placement the caption fixes the whole image.
+SHORT_CAPTION_STYLES = ("plain", "places", "scene")
 
 
 def caption_short(layout: dict[str, Any], style: str = "plain") -> str:
     """A few words naming the objects, e.g. "a red circle and two blue squares" (``style``
     "plain"), or each object with its place, "a red circle upper left and a blue square centre"
-    ("places": ``POSITION_NAMES``, objects in layout order)."""
+    ("places": ``POSITION_NAMES``, objects in layout order), and with the background ("scene":
+    "... centre on a plain beige background")."""
     if style not in SHORT_CAPTION_STYLES:
         raise ValueError(f"short caption style {style!r}: expected one of {SHORT_CAPTION_STYLES}")
-    if style == "places":
+    if style in ("places", "scene"):
         parts = [_article(f"{o['color']} {o['shape']}") + f" {o['position']}" for o in layout["objects"]]
         if not parts:
-            return "an empty background"
-        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+            objects = "an empty background"
+        else:
+            objects = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        if style == "places":
+            return objects
+        return f"{objects} on {_background_phrase(layout['background'])}"
     groups: dict[tuple[str, str], int] = {}
     for obj in layout["objects"]:
         key = (obj["color"], obj["shape"])
@@ -456,16 +501,17 @@ def caption_short(layout: dict[str, Any], style: str = "plain") -> str:
 
 
 def generate_example(seed: int, index: int, sizes: Sequence[tuple[int, int]],
-                     new_color: str | None = None, short_style: str = "plain") -> Example:
+                     new_color: str | None = None, short_style: str = "plain",
+                     placement: str = "free") -> Example:
     """Example ``index`` of the dataset with ``seed`` (a pure function of its arguments).
 
     ``new_color``: a held-out colour (``HELD_OUT_COLORS``) given to some objects
     (``with_new_color``) of a ``NEW_COLOR_RECORD_SHARE`` of the layouts; None (the default) draws
     the plain dataset. ``short_style``: of the short caption (``caption_short``); the layout and
-    the image do not depend on it."""
+    the image do not depend on it. ``placement``: of the objects (``PLACEMENTS``)."""
     rng = np.random.default_rng([seed, index])
     width, height = sizes[int(rng.integers(len(sizes)))]
-    layout = sample_layout(rng, width, height)
+    layout = sample_layout(rng, width, height, placement)
     if new_color is not None and rng.random() < NEW_COLOR_RECORD_SHARE:
         layout = with_new_color(layout, rng, new_color)
     image = render_layout(layout, width, height)
@@ -476,18 +522,21 @@ def generate_example(seed: int, index: int, sizes: Sequence[tuple[int, int]],
                    metadata=json.dumps(metadata, sort_keys=True, separators=(",", ":")))
 
 
-def _generate_star(args: tuple[int, int, tuple[tuple[int, int], ...], str | None, str]) -> Example:
+def _generate_star(args: tuple[int, int, tuple[tuple[int, int], ...], str | None, str, str]
+                   ) -> Example:
     return generate_example(*args)
 
 
 def iter_examples(num: int, seed: int, sizes: Sequence[tuple[int, int]], workers: int = 1,
                   show_progress: bool = False, new_color: str | None = None,
-                  short_style: str = "plain") -> Iterator[Example]:
+                  short_style: str = "plain", placement: str = "free") -> Iterator[Example]:
     """Examples ``0..num-1`` in order, generated in ``workers`` processes."""
     if short_style not in SHORT_CAPTION_STYLES:
         raise ValueError(f"short caption style {short_style!r}: expected one of {SHORT_CAPTION_STYLES}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: expected one of {PLACEMENTS}")
     sizes = tuple(tuple(s) for s in sizes)
-    jobs = [(seed, i, sizes, new_color, short_style) for i in range(num)]
+    jobs = [(seed, i, sizes, new_color, short_style, placement) for i in range(num)]
     wrap = (lambda it: it)
     if show_progress:
         from tqdm import tqdm
@@ -511,21 +560,27 @@ def iter_examples(num: int, seed: int, sizes: Sequence[tuple[int, int]], workers
 def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, base_size: int = 512,
                   groups: Sequence[int] = (512, 768, 1024), num_shards: int = 1, workers: int = 1,
                   overwrite: bool = False, show_progress: bool = False,
-                  new_color: str | None = None, short_style: str = "plain") -> list[str]:
+                  new_color: str | None = None, short_style: str = "plain",
+                  placement: str = "free", aspect: str = "all") -> list[str]:
     """Writes ``num`` synthetic examples as lens records in ``out_dir``; returns the shards.
 
-    ``new_color``, ``short_style``: see ``generate_example`` (recorded in the manifest when not
-    the default)."""
+    ``new_color``, ``short_style``, ``placement``: see ``generate_example``; ``aspect``: of the
+    image sizes (``bucket_sizes``); each recorded in the manifest when not the default."""
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
-    sizes = bucket_sizes(base_size, groups)
+    sizes = bucket_sizes(base_size, groups, aspect=aspect)
     settings = {"seed": seed, "num": num, "base_size": base_size, "groups": list(groups),
                 "sizes": [list(s) for s in sizes]}
     if new_color is not None:
         settings["new_color"] = new_color
     if short_style != "plain":
         settings["short_style"] = short_style
-    return write_shards(iter_examples(num, seed, sizes, workers, show_progress, new_color, short_style),
+    if placement != "free":
+        settings["placement"] = placement
+    if aspect != "all":
+        settings["aspect"] = aspect
+    return write_shards(iter_examples(num, seed, sizes, workers, show_progress, new_color, short_style,
+                                      placement),
                         out_dir,
                         num_shards, overwrite=overwrite,
                         extra_manifest={"source": SOURCE_TAG, "synth_shapes": settings})

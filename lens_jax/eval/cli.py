@@ -24,7 +24,7 @@ import argparse
 import json
 import os
 import sys
-from lens_jax.data.synth_shapes import SHORT_CAPTION_STYLES
+from lens_jax.data.synth_shapes import ASPECTS, PLACEMENTS, SHORT_CAPTION_STYLES
 from collections.abc import Sequence
 
 
@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-style", choices=SHORT_CAPTION_STYLES, default="plain",
                    help="style of each line's short_caption, as lens-data synth-shapes "
                         "--short-style (default plain)")
+    p.add_argument("--placement", choices=PLACEMENTS, default="free",
+                   help="where the layouts' objects go, as lens-data synth-shapes --placement "
+                        "(default free)")
+    p.add_argument("--aspect", choices=ASPECTS, default="all",
+                   help="image sizes, as lens-data synth-shapes --aspect: 'all' nine aspect "
+                        "ratios of each group (default), 'square' only")
     p.add_argument("--unbalanced", action="store_true",
                    help="object counts as in training (default: 1-4 objects in equal shares)")
     p.add_argument("--out", required=True, help="output JSONL file")
@@ -149,7 +155,8 @@ def run_prompts(args: argparse.Namespace) -> int:
 
     prompts = make_eval_set(args.num, seed=args.seed, base_size=args.base_size,
                             groups=args.groups, balanced=not args.unbalanced,
-                            short_style=args.short_style)
+                            short_style=args.short_style, placement=args.placement,
+                            aspect=args.aspect)
     def write(f) -> None:
         for index, p in enumerate(prompts):
             prompt = p.caption if args.prompt_key == "caption" else p.short_caption

@@ -107,21 +107,23 @@ EVAL_STREAM_TAG = 0x4C454E53  # "LENS"
 
 def make_eval_set(num: int, seed: int = 0, base_size: int = 64,
                   groups: Sequence[int] = (512, 768, 1024), balanced: bool = True,
-                  short_style: str = "plain") -> list[EvalPrompt]:
+                  short_style: str = "plain", placement: str = "free",
+                  aspect: str = "all") -> list[EvalPrompt]:
     """``num`` held-out prompts (layout, dense caption, short caption of ``short_style``
     (``synth_shapes.caption_short``), width, height).
 
-    Sizes are training buckets (``bucket_sizes(base_size, groups)``). The random stream is a
+    Sizes are training buckets (``bucket_sizes(base_size, groups, aspect=aspect)``). The random stream is a
     numpy ``SeedSequence`` child with a spawn key, disjoint by construction from the training
     stream ``default_rng([seed, index])`` of ``lens-data synth-shapes``. With ``balanced``, prompt
     ``i`` has ``1 + i % 4`` objects (layouts are redrawn from the same stream until they do), so
-    every object count, the 1-object prompts included, gets a quarter of the set.
+    every object count, the 1-object prompts included, gets a quarter of the set. ``placement``:
+    of the objects, as ``synth_shapes.sample_layout``'s.
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    sizes = bucket_sizes(base_size, groups)
+    sizes = bucket_sizes(base_size, groups, aspect=aspect)
     prompts = []
     for index in range(num):
         wanted = 1 + index % 4 if balanced else None
@@ -129,7 +131,7 @@ def make_eval_set(num: int, seed: int = 0, base_size: int = 64,
             sequence = np.random.SeedSequence(seed, spawn_key=(EVAL_STREAM_TAG, index, attempt))
             rng = np.random.default_rng(sequence)
             width, height = sizes[int(rng.integers(len(sizes)))]
-            layout = sample_layout(rng, width, height)
+            layout = sample_layout(rng, width, height, placement)
             if wanted is None or len(layout["objects"]) == wanted or attempt >= 255:
                 break
         prompts.append(EvalPrompt(layout, caption_dense(layout), caption_short(layout, short_style),

@@ -166,3 +166,66 @@ def test_cli_synth_shapes(tmp_path, capsys):
     assert code == 0 and "wrote 5 synthetic examples" in capsys.readouterr().out
     sizes = set(S.bucket_sizes(64, groups=(512,)))
     assert all((e.width, e.height) in sizes for e in records.read_examples(str(tmp_path / "s")))
+
+
+def test_grid_placement_centres_each_object_in_its_own_ninth(tmp_path):
+    sizes = S.bucket_sizes(128, groups=(512,))
+    counts = set()
+    for i in range(200):
+        width, height = sizes[i % len(sizes)]
+        layout = S.sample_layout(np.random.default_rng([5, i]), width, height, placement="grid")
+        objects = layout["objects"]
+        counts.add(len(objects))
+        side = round(S.GRID_SIDE_FRACTION * min(width, height))
+        cells = set()
+        for obj in objects:
+            x0, y0, x1, y1 = obj["bbox"]
+            assert (x1 - x0, y1 - y0) == (side, side) and obj["size"] == S.GRID_SIZE_CLASS
+            col, row = int(3 * obj["center"][0] / width), int(3 * obj["center"][1] / height)
+            # the ninth's centre, to the pixel, and the whole object inside that ninth
+            assert abs(obj["center"][0] - (col + 0.5) * width / 3) <= 1
+            assert abs(obj["center"][1] - (row + 0.5) * height / 3) <= 1
+            assert col * width / 3 <= x0 and x1 <= (col + 1) * width / 3
+            assert row * height / 3 <= y0 and y1 <= (row + 1) * height / 3
+            assert obj["position"] == S.POSITION_NAMES[row][col]
+            cells.add((row, col))
+        assert len(cells) == len(objects)  # one object per ninth
+        caption = S.caption_short(layout, "places")
+        assert all(o["position"] in caption for o in objects)
+    assert counts == {1, 2, 3, 4}
+    # "free" is the default and draws the same stream as before placements existed
+    rng_a, rng_b = np.random.default_rng([5, 0]), np.random.default_rng([5, 0])
+    assert S.sample_layout(rng_a, 128, 128) == S.sample_layout(rng_b, 128, 128, placement="free")
+    with pytest.raises(ValueError, match="placement 'random'"):
+        S.sample_layout(np.random.default_rng(0), 128, 128, placement="random")
+
+
+def test_cli_synth_shapes_grid_placement(tmp_path):
+    from lens_jax.data import cli
+
+    assert cli.main(["synth-shapes", "--out", str(tmp_path / "g"), "--num", "4", "--seed", "1",
+                     "--base-size", "128", "--groups", "512", "--placement", "grid",
+                     "--no-progress"]) == 0
+    assert records.read_manifest(tmp_path / "g")["synth_shapes"]["placement"] == "grid"
+    for ex in records.read_examples(str(tmp_path / "g")):
+        layout = json.loads(ex.metadata)["layout"]
+        assert all(o["size"] == S.GRID_SIZE_CLASS for o in layout["objects"])
+        assert len({o["position"] for o in layout["objects"]}) == len(layout["objects"])
+
+
+def test_square_aspect_keeps_each_groups_square_bucket(tmp_path):
+    assert S.bucket_sizes(128, groups=(512,), aspect="square") == [(128, 128)]
+    assert S.bucket_sizes(64, aspect="square") == [(64, 64), (96, 96), (128, 128)]
+    assert set(S.bucket_sizes(64, aspect="square")) <= set(S.bucket_sizes(64))
+    with pytest.raises(ValueError, match="aspect 'wide'"):
+        S.bucket_sizes(64, aspect="wide")
+    S.write_dataset(tmp_path / "sq", 6, seed=2, base_size=128, groups=(512,), aspect="square",
+                    placement="grid", short_style="scene")
+    settings = records.read_manifest(tmp_path / "sq")["synth_shapes"]
+    assert (settings["aspect"], settings["placement"], settings["short_style"]) == (
+        "square", "grid", "scene")
+    for ex in records.read_examples(str(tmp_path / "sq")):
+        assert (ex.width, ex.height) == (128, 128)
+        layout = json.loads(ex.metadata)["layout"]
+        assert ex.short_caption == S.caption_short(layout, "places") + " on " + \
+            S._background_phrase(layout["background"])

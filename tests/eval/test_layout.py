@@ -335,3 +335,22 @@ def test_colour_matching_keeps_the_largest_detections():
     assert report["categories"]["region"]["score"] == 0.0
     right = score_images([render_layout(prompt)], [prompt])
     assert right["categories"]["position"]["score"] == 1.0 and right["categories"]["region"]["score"] == 1.0
+
+
+def test_grid_eval_set_and_its_ground_truth_scores(tmp_path):
+    prompts_file = tmp_path / "grid.jsonl"
+    assert cli.main(["prompts", "--num", "16", "--seed", "2", "--base-size", "128", "--groups",
+                     "512", "--placement", "grid", "--short-style", "places",
+                     "--out", str(prompts_file)]) == 0
+    rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    grid = make_eval_set(16, seed=2, base_size=128, groups=(512,), short_style="places",
+                         placement="grid")
+    assert [r["layout"] for r in rows] == [p.layout for p in grid]
+    assert grid != make_eval_set(16, seed=2, base_size=128, groups=(512,), short_style="places")
+    for p in grid:
+        assert len({o["position"] for o in p.layout["objects"]}) == len(p.layout["objects"])
+        assert all(o["size"] == synth_shapes.GRID_SIZE_CLASS for o in p.layout["objects"])
+    images = [synth_shapes.render_layout(p.layout, p.width, p.height) for p in grid]
+    report = score_images(images, [p.layout for p in grid])
+    for category in ("single_object_colour", "position", "count", "shape"):
+        assert report["categories"][category]["score"] == 1.0, category
