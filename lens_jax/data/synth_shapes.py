@@ -1,7 +1,8 @@
 """Synthetic "coloured shapes" dataset with ground-truth layouts (``lens-data synth-shapes``).
 
 Every image shows 1-4 flat geometric shapes (circle, square, triangle, diamond, star, hexagon)
-in well-separated named colours and three size classes, on a plain or two-colour gradient
+in well-separated named colours and three size classes (or, with ``placement="grid"``, one size
+at the centres of distinct ninths of the image), on a plain or two-colour gradient
 background, at one of the 27 training-bucket sizes of the spec (section 2.8), optionally scaled
 down (``base_size``). Each record gets a dense caption (60-120 words: every object with its
 colour, size and position, relations between objects, the background), a short caption
@@ -208,30 +209,27 @@ def sample_layout(rng: np.random.Generator, width: int, height: int,
         else:
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
             color = color_names[int(rng.integers(len(color_names)))]
-        if cells is not None:
+        if cells is not None:  # the centre of its ninth, one size
             row, col = divmod(int(cells[k]), 3)
             side = round(GRID_SIDE_FRACTION * short_side)
             x0 = round((col + 0.5) * width / 3 - side / 2)
             y0 = round((row + 0.5) * height / 3 - side / 2)
-            box = [x0, y0, x0 + side, y0 + side]
-            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-            objects.append({"shape": shape, "color": color, "rgb": list(OBJECT_COLORS[color]),
-                            "size": GRID_SIZE_CLASS, "bbox": box, "center": [cx, cy],
-                            "position": _position_name(cx, cy, width, height)})
-            continue
-        size_index = int(rng.integers(len(SIZE_ORDER)))
-        box = None
-        while box is None and size_index >= 0:  # shrink when the object does not fit
-            side = max(4, round(SIZE_FRACTIONS[SIZE_ORDER[size_index]] * short_side))
-            box = _place(rng, side, width, height, margin, taken)
+            box, size = [x0, y0, x0 + side, y0 + side], GRID_SIZE_CLASS
+        else:  # anywhere it fits, shrunk when it does not
+            size_index = int(rng.integers(len(SIZE_ORDER)))
+            box = None
+            while box is None and size_index >= 0:
+                side = max(4, round(SIZE_FRACTIONS[SIZE_ORDER[size_index]] * short_side))
+                box = _place(rng, side, width, height, margin, taken)
+                if box is None:
+                    size_index -= 1
             if box is None:
-                size_index -= 1
-        if box is None:
-            continue
+                continue
+            size = SIZE_ORDER[size_index]
         taken.append(box)
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         objects.append({"shape": shape, "color": color, "rgb": list(OBJECT_COLORS[color]),
-                        "size": SIZE_ORDER[size_index], "bbox": box, "center": [cx, cy],
+                        "size": size, "bbox": box, "center": [cx, cy],
                         "position": _position_name(cx, cy, width, height)})
     objects.sort(key=lambda o: (min(2, int(3 * o["center"][1] / height)), o["center"][0]))
     return {"version": LAYOUT_VERSION, "width": width, "height": height,
