@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/train_loop.py --data DIR [--config tiny|demo|...] [--steps 60] [--set data.resample=bicubic]
 
-``DIR``: synthetic-shapes records (``lens-data synth-shapes --base-size 64`` for tiny, ``--base-size
-96 --groups 512`` for demo and the toy-LM configs, which also need ``--set
-text_encoder.path=FOLDER``: a toy LM trained with the same word tokenizer, e.g. ``OUT/text_encoder``
-of ``python -m lens_jax.demo --config configs/demo_toy_lm.py --out OUT``). In one process:
+``DIR``: synthetic-shapes records (``lens-data synth-shapes --base-size 64`` for tiny; ``--base-size
+128 --groups 512 --aspect square --placement grid --short-style scene`` for demo and demo_toy_lm,
+e.g. ``make demo``'s ``demo_out/data/train``; ``--base-size 96 --groups 512`` for the ablation
+configs). The toy-LM configs also need ``--set text_encoder.path=FOLDER``: a toy LM trained with
+the same word tokenizer, e.g. ``OUT/text_encoder`` of ``python -m lens_jax.demo --config
+configs/demo_toy_lm.py --out OUT``. In one process:
 1. the loop: ``lens_jax.train.loop.train`` for ``--steps`` steps (data pipeline, batch feed,
    non-finite checks, metrics every ``logging.every`` steps, no checkpoint until the end);
    its time per step is the mean ``step_time_s`` of metrics.jsonl after the first log row
