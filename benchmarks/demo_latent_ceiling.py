@@ -44,7 +44,8 @@ def ceiling(base: int, channels: int, num: int, seed: int, placement: str = "fre
         images.append(np.clip(np.round((back + 1.0) * 127.5), 0, 255).astype(np.uint8))
     report = score_images(images, [p.layout for p in prompts])
     by = report["by_object_count"]
-    return {"base": base, "channels": channels, "prompts": num, "seed": seed, "placement": placement, "aspect": aspect,
+    return {"base": base, "channels": channels, "prompts": num, "seed": seed,
+            "placement": placement, "aspect": aspect,
             "single_object_colour": report["categories"]["single_object_colour"]["score"],
             "shape_1": by["1"]["shape"]["score"], "count_2": by["2"]["count"]["score"],
             "position_2": by["2"]["position"]["score"], "colour_2": by["2"]["colour"]["score"],
@@ -53,14 +54,16 @@ def ceiling(base: int, channels: int, num: int, seed: int, placement: str = "fre
 
 
 def main() -> None:
+    from lens_jax.data.synth_shapes import ASPECTS, PLACEMENTS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=200, help="held-out prompts per case (1-4 objects, equal shares)")
     p.add_argument("--seed", type=int, default=5, help="lens-eval prompts seed (validation: not 0)")
     p.add_argument("--cases", default="96:12,96:48,96:108,96:192,128:48,128:108,128:192",
                    help="comma-separated BASE:CHANNELS (image base size in pixels : DCT channels)")
-    p.add_argument("--placement", choices=("free", "grid"), default="free",
+    p.add_argument("--placement", choices=PLACEMENTS, default="free",
                    help="where the prompts' objects go (lens-eval prompts --placement; default free)")
-    p.add_argument("--aspect", choices=("all", "square"), default="all",
+    p.add_argument("--aspect", choices=ASPECTS, default="all",
                    help="image sizes (lens-eval prompts --aspect; default all nine ratios)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()

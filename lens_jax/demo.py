@@ -764,9 +764,10 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
     from lens_jax.data.records import read_manifest
 
     base_manifest = read_manifest(Path(str(base_config.data.path))) or {}
-    short_style = base_manifest.get("synth_shapes", {}).get("short_style", "plain")
-    placement = base_manifest.get("synth_shapes", {}).get("placement", "free")
-    aspect = base_manifest.get("synth_shapes", {}).get("aspect", "all")
+    settings = base_manifest.get("synth_shapes", {})  # a key is written when not the default
+    short_style = settings.get("short_style", "plain")
+    placement = settings.get("placement", "free")
+    aspect = settings.get("aspect", "all")
 
     _stage(f"1/6 data: records with the new colour '{color}', held-out prompts, tokenizer")
     t = time.perf_counter()
@@ -868,6 +869,9 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
+    from lens_jax.data.synth_shapes import (ASPECTS, HELD_OUT_COLORS, PLACEMENTS,
+                                            SHORT_CAPTION_STYLES)
+
     p = argparse.ArgumentParser(prog="python -m lens_jax.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
@@ -901,22 +905,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--heldout-num", type=int, default=200, help="held-out records (default 200)")
     r.add_argument("--heldout-batches", type=int, default=4, help="held-out loss batches (default 4)")
     r.add_argument("--grid", type=int, default=12, help="prompts in grid.png (default 12)")
-    from lens_jax.data.synth_shapes import SHORT_CAPTION_STYLES
-
     r.add_argument("--short-captions", choices=SHORT_CAPTION_STYLES, default="scene",
                    help="style of the short captions the model trains on and is prompted with "
                    "(lens-data synth-shapes --short-style): 'scene' (default) names each object's "
                    "ninth of the image and the background (\"a red circle upper left and a blue "
                    "square centre on a plain beige background\"); 'places' the objects' ninths "
                    "only; 'plain' the objects only")
-    from lens_jax.data.synth_shapes import PLACEMENTS
 
     r.add_argument("--placement", choices=PLACEMENTS, default="grid",
                    help="where the records' and prompts' objects go (lens-data synth-shapes "
                    "--placement): 'grid' (default) each at the centre of its own ninth, one size, "
                    "so that a 'scene' caption fixes the image; 'free' anywhere, in three sizes "
                    "(needs far more training than 15 minutes give: docs/demo.md)")
-    from lens_jax.data.synth_shapes import ASPECTS
 
     r.add_argument("--aspect", choices=ASPECTS, default="square",
                    help="image sizes of the records and prompts (lens-data synth-shapes --aspect): "
@@ -931,7 +931,6 @@ def build_parser() -> argparse.ArgumentParser:
                    type=lambda v: [x for x in v.split(",") if x],
                    help="comma-separated arms of the ablation config (default all four: dense and "
                    "short captions with the random word table, then with the toy language model)")
-    from lens_jax.data.synth_shapes import HELD_OUT_COLORS
 
     lo = sub.add_parser("lora", help="teach a finished run a new colour with LoRA")
     common(lo, LORA_CONFIG, "demo_lora_out", train_num=800, eval_num=32,
