@@ -9,6 +9,9 @@ The device never waits for the host:
   only);
 - a step's metrics stay on the device until the next step has been dispatched; only then is its
   loss fetched (the non-finite check) and, at logging steps, the rest of its metrics;
+- that the devices never waited is measured: ``data/device_waited_steps`` counts the steps
+  dispatched after the previous step had already finished (summed over hosts; 0 when the host
+  always kept the next step queued);
 - the host waits for a step only before saving it or sampling from it.
 
 Each step starts with one agreement over processes (``hosts.agree_any``): stop when any process got
@@ -266,6 +269,7 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
     step = start
     data_state: dict[str, Any] | None = None   # after the last batch a step used
     pending: _Pending | None = None
+    device_waited = 0   # steps this process dispatched after the previous one had finished
     feed = (BatchFeed(data_iter, prepare, nice=int(config.data.feed_nice))
             if start < num_steps else None)
     try:
@@ -284,13 +288,18 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
                         ckpt.wait()
                     log.warning("stopping at step %d (%s); saved step %s", step, why, ckpt.latest_step())
                     break
-                state, metrics = trainer.step(state, trainer.put_batch(item.batch))  # asynchronous
+                batch = trainer.put_batch(item.batch)
+                # The devices waited for this host when the previous step is done before this one
+                # is dispatched (not counted after a save or a sample grid, which wait on purpose).
+                device_waited += pending is not None and pending.metrics["loss"].is_ready()
+                state, metrics = trainer.step(state, batch)  # asynchronous
                 step += 1
                 window["steps"] += 1
                 data_state = item.data_state
                 if pending is not None:
                     report(pending)   # the previous step: finished or about to
-                pending = _Pending(step, metrics, item.data_metrics)
+                pending = _Pending(step, metrics, {**item.data_metrics,
+                                                   "data/device_waited_steps": device_waited})
                 if progress is not None:
                     progress.update(1)
                 sample_now = sampler is not None and step % int(config.samples.every) == 0

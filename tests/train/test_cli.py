@@ -1,6 +1,7 @@
 """End to end through ``python -m lens_jax.train.cli`` with the tiny config, in subprocesses:
 bitwise resume after SIGKILL, clean exit on SIGTERM, fallback from an unreadable checkpoint, a
-changed config refused without touching the run; the NaN stop in process. A persistent compilation cache shares the step's compilation between the runs."""
+changed config refused without touching the run; the NaN stop and the devices'
+waits counted, in process. A persistent compilation cache shares the step's compilation between the runs."""
 
 import json
 import signal
@@ -136,6 +137,33 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_path, mo
         loop.train(config, tmp_path / "nan")
     assert _steps(tmp_path / "nan") == [4]
     assert max(_losses(tmp_path / "nan")) == 5
+
+
+def test_device_waited_steps_counts_steps_dispatched_after_the_previous_finished(tmp_path, shapes_path,
+                                                                                 monkeypatch):
+    """In process, with a step that waits for its own result before returning (monkeypatched), so
+    the devices are idle whenever the host dispatches: every step after the first counts, except
+    the one after a checkpoint (the loop waits there on purpose). Steps 1..6, saves at 3 and 6:
+    steps 2, 3, 5, 6 waited."""
+    import jax
+
+    from lens_jax.train import loop
+    from lens_jax.train.trainer import Trainer
+    from tests.train.helpers import tiny_config
+
+    real_step = Trainer.step
+
+    def synchronous(self, state, batch):
+        return jax.block_until_ready(real_step(self, state, batch))
+
+    monkeypatch.setattr(Trainer, "step", synchronous)
+    config = tiny_config(shapes_path)
+    config.num_steps, config.logging.every = 6, 1
+    config.checkpoint.every, config.checkpoint.max_to_keep = 3, 1
+    loop.train(config, tmp_path / "sync")
+    rows = [json.loads(l) for l in (tmp_path / "sync" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["data/device_waited_steps"] for r in rows] == [0, 1, 2, 2, 3, 4]
 
 
 def test_unreadable_newest_checkpoint_falls_back(tmp_path, shapes_path, env, uninterrupted):
