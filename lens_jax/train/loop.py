@@ -120,6 +120,7 @@ class _Pending(NamedTuple):
     step: int
     metrics: dict              # on the devices
     data_metrics: dict
+    device_waited: int         # steps this process dispatched after the previous one had finished
 
 
 def _data_config(config, mesh):
@@ -259,7 +260,8 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
         for i in range(len(edges) - 1):
             if host["bucket_images"][i] > 0:
                 scalars[f"loss_sigma/{edges[i]:.2f}-{edges[i + 1]:.2f}"] = float(host["bucket_loss"][i])
-        scalars.update(data_metrics_over_hosts(p.data_metrics))
+        scalars.update(data_metrics_over_hosts({**p.data_metrics,
+                                                "data/device_waited_steps": p.device_waited}))
         log.info("step %d loss %.8g", p.step, loss)  # on every process
         writer.write_scalars(p.step, scalars)
         window.update(time=time.perf_counter(), steps=0)
@@ -269,7 +271,7 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
     step = start
     data_state: dict[str, Any] | None = None   # after the last batch a step used
     pending: _Pending | None = None
-    device_waited = 0   # steps this process dispatched after the previous one had finished
+    device_waited = 0
     feed = (BatchFeed(data_iter, prepare, nice=int(config.data.feed_nice))
             if start < num_steps else None)
     try:
@@ -298,8 +300,7 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
                 data_state = item.data_state
                 if pending is not None:
                     report(pending)   # the previous step: finished or about to
-                pending = _Pending(step, metrics, {**item.data_metrics,
-                                                   "data/device_waited_steps": device_waited})
+                pending = _Pending(step, metrics, item.data_metrics, device_waited)
                 if progress is not None:
                     progress.update(1)
                 sample_now = sampler is not None and step % int(config.samples.every) == 0
